@@ -1,0 +1,687 @@
+"""Table 2 embedding files: schema, fragment footprints, unique ids, atomic GeoParquet 1.1 I/O.
+
+The file format is specified in docs/standard.md; this module is its only writer. Everything on
+the per-fragment path is vectorised (numpy / shapely 2 / pyarrow); the only per-row Python loop is
+the sha256 of the unique ids, which is C-level hashing over slices of one contiguous buffer.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import struct
+import threading
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import metadata as _pkg_metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pyproj
+import shapely
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+
+STANDARD_VERSION = "majortom-embeddings/1.0"
+GEOPARQUET_VERSION = "1.1.0"
+RANDOM_WEIGHTS_WARNING = "EMBEDDINGS FROM RANDOMLY INITIALISED WEIGHTS - NOT FOR SCIENCE"
+WGS84 = "OGC:CRS84"
+
+META_INFO = b"majortom"
+META_MODEL = b"majortom:model"
+META_WEIGHTS = b"majortom:weights"
+META_RANDOM = b"majortom:random_weights"
+META_WARNING = b"majortom:warning"
+META_GEO = b"geo"
+
+# Columns whose values repeat a lot (dictionary encoding pays) and columns whose min/max
+# statistics are useful for predicate push-down; the others would only bloat the footer.
+_DICTIONARY_COLUMNS = ["unique_id", "grid_cell", "product_id", "utm_crs"]
+_STATISTICS_COLUMNS = ["grid_cell", "grid_row_u", "grid_col_r", "product_id", "timestamp",
+                       "centre_lat", "centre_lon"]
+_HASHED_COLUMNS = ["unique_id", "geometry", "timestamp", "product_id", "embedding"]
+_GEOMETRY_TYPE_NAMES = {0: "Point", 1: "LineString", 3: "Polygon", 4: "MultiPoint",
+                        5: "MultiLineString", 6: "MultiPolygon", 7: "GeometryCollection"}
+_U64 = struct.Struct("<Q")
+
+
+# --------------------------------------------------------------------------------------- schema
+def embedding_schema(dim: int) -> pa.Schema:
+    """Table 2 as one Arrow schema; every column is required (non-null)."""
+    if int(dim) <= 0:
+        raise ValueError(f"embedding dimension must be positive, got {dim}")
+
+    def req(name: str, typ: pa.DataType) -> pa.Field:
+        return pa.field(name, typ, nullable=False)
+
+    return pa.schema([
+        req("unique_id", pa.string()),
+        req("embedding", pa.list_(pa.float32(), int(dim))),
+        req("grid_cell", pa.string()),
+        req("grid_row_u", pa.int32()),
+        req("grid_col_r", pa.int32()),
+        req("product_id", pa.string()),
+        req("timestamp", pa.timestamp("us", tz="UTC")),
+        req("geometry", pa.binary()),
+        req("utm_footprint", pa.string()),
+        req("utm_crs", pa.string()),
+        req("pixel_bbox", pa.list_(pa.int32(), 4)),
+        req("centre_lat", pa.float64()),
+        req("centre_lon", pa.float64()),
+    ])
+
+
+# ----------------------------------------------------------------------------------- footprints
+@dataclass
+class Footprints:
+    """Per-fragment footprints, aligned with the input boxes."""
+
+    geometry_wkb: np.ndarray  # object array of bytes: WGS84 (OGC:CRS84) ISO WKB, little-endian, 2D
+    utm_wkt: np.ndarray       # object array of str: UTM rectangle, WKT, millimetre precision
+    centre_lat: np.ndarray    # float64
+    centre_lon: np.ndarray    # float64 in [-180, 180)
+
+
+_thread_state = threading.local()
+
+
+def _to_wgs84(crs: str) -> pyproj.Transformer:
+    """One Transformer per CRS and thread (pyproj transformers are not thread-safe)."""
+    cache = getattr(_thread_state, "transformers", None)
+    if cache is None:
+        cache = _thread_state.transformers = {}
+    transformer = cache.get(crs)
+    if transformer is None:
+        try:
+            transformer = pyproj.Transformer.from_crs(crs, WGS84, always_xy=True)
+        except pyproj.exceptions.CRSError as exc:
+            raise ValueError(f"unknown CRS {crs!r}: {exc}") from exc
+        cache[crs] = transformer
+    return transformer
+
+
+def _pixel_to_map(transform: Sequence[float], rows: np.ndarray, cols: np.ndarray):
+    a, b, c, d, e, f = (float(v) for v in tuple(transform)[:6])
+    return c + a * cols + b * rows, f + d * cols + e * rows
+
+
+def _ring_coords(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """(N, 4) corners -> (N, 5, 2) closed rings."""
+    ring = np.stack([x, y], axis=-1)
+    return np.concatenate([ring, ring[:, :1]], axis=1)
+
+
+def _split_antimeridian(rings: np.ndarray) -> np.ndarray:
+    """Polygons for lon/lat rings; rings that jump across +-180 become two-part MultiPolygons.
+
+    Fragments are at most a few km wide, so a longitude span > 180 degrees can only mean the
+    ring crosses the antimeridian. Such a ring is unwrapped to [0, 360), cut at 180 and the
+    eastern half shifted back by -360 (RFC 7946 section 3.1.9).
+    """
+    lon = rings[..., 0]
+    crossing = (lon.max(axis=1) - lon.min(axis=1)) > 180.0
+    polygons = shapely.polygons(rings)
+    if not crossing.any():
+        return polygons
+    unwrapped = rings[crossing].copy()
+    unwrapped[..., 0] = np.where(unwrapped[..., 0] < 0.0, unwrapped[..., 0] + 360.0, unwrapped[..., 0])
+    whole = shapely.polygons(unwrapped)
+    west = shapely.intersection(whole, shapely.box(0.0, -90.0, 180.0, 90.0))
+    east = shapely.intersection(whole, shapely.box(180.0, -90.0, 360.0, 90.0))
+    east = shapely.transform(east, lambda xy: xy - np.array([360.0, 0.0]))
+    parts = np.stack([west, east], axis=1)
+    # A ring that only touches 180 (a vertex exactly on it) leaves an empty or line-like half.
+    keep = (shapely.get_type_id(parts) == 3) & (shapely.area(parts) > 0.0)
+    split = np.empty(len(parts), dtype=object)
+    both = keep.all(axis=1)
+    split[both] = shapely.multipolygons(parts[both])
+    single = keep.sum(axis=1) == 1
+    split[single] = parts[single][keep[single]]
+    polygons[crossing] = split
+    return polygons
+
+
+def fragment_footprints(boxes: np.ndarray, transform: Sequence[float], crs: str) -> Footprints:
+    """Footprints of pixel boxes [row_start, col_start, row_end, col_end] of one image.
+
+    Corners map through the affine as x = c + a*col + b*row, y = f + d*col + e*row, so column
+    offsets move east and row offsets south (the reference code swaps them). Rings keep only
+    the four corners: a straight lon/lat edge departs from the true UTM edge by < 3 m for
+    fragments up to 384 px anywhere within +-85 degrees latitude (docs/standard.md).
+    """
+    boxes = np.asarray(boxes)
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"boxes must have shape (N, 4), got {boxes.shape}")
+    if len(tuple(transform)) < 6:
+        raise ValueError(f"transform must be an affine (a, b, c, d, e, f), got {transform!r}")
+    boxes = boxes.astype(np.float64)
+    r0, c0, r1, c1 = boxes.T
+    # bottom-left, bottom-right, top-right, top-left for a north-up image: CCW in map space.
+    rows = np.stack([r1, r1, r0, r0], axis=1)
+    cols = np.stack([c0, c1, c1, c0], axis=1)
+    x, y = _pixel_to_map(transform, rows, cols)
+    utm = shapely.orient_polygons(shapely.polygons(_ring_coords(x, y)), exterior_cw=False)
+
+    transformer = _to_wgs84(crs)
+    lon, lat = transformer.transform(x.ravel(), y.ravel())
+    cx, cy = _pixel_to_map(transform, (r0 + r1) / 2.0, (c0 + c1) / 2.0)
+    centre_lon, centre_lat = transformer.transform(cx, cy)
+    lon = np.asarray(lon).reshape(x.shape)
+    lat = np.asarray(lat).reshape(y.shape)
+    centre_lon, centre_lat = np.asarray(centre_lon, np.float64), np.asarray(centre_lat, np.float64)
+    if not (np.isfinite(lon).all() and np.isfinite(lat).all()):
+        raise ValueError(f"fragment corners fall outside the valid area of {crs}")
+
+    wgs84 = _split_antimeridian(_ring_coords(lon, lat))
+    wgs84 = shapely.orient_polygons(wgs84, exterior_cw=False)
+    return Footprints(
+        geometry_wkb=shapely.to_wkb(wgs84, hex=False, output_dimension=2, byte_order=1,
+                                    include_srid=False, flavor="iso"),
+        utm_wkt=shapely.to_wkt(utm, rounding_precision=3, trim=True, output_dimension=2),
+        centre_lat=centre_lat,
+        centre_lon=(centre_lon + 180.0) % 360.0 - 180.0,
+    )
+
+
+# ----------------------------------------------------------------------------------- unique ids
+def _utc_microseconds(values: Any, n: int) -> np.ndarray:
+    """Any timestamp input (scalar or sequence; naive means UTC) -> datetime64[us] of length n."""
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        typ = values.type
+        if pa.types.is_timestamp(typ) and typ.tz is None:
+            values = values.cast(pa.timestamp(typ.unit, tz="UTC"))
+        arr = values.cast(pa.timestamp("us", tz="UTC")).to_numpy(zero_copy_only=False)
+        arr = arr.astype("datetime64[us]")
+    elif isinstance(values, np.ndarray) and np.issubdtype(values.dtype, np.datetime64):
+        arr = values.astype("datetime64[us]")  # numpy datetimes are naive: UTC by convention
+    elif np.ndim(values) == 0:
+        ts = pd.Timestamp(values)
+        ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+        arr = np.full(n, ts.tz_localize(None).to_datetime64(), dtype="datetime64[us]")
+    else:
+        index = pd.DatetimeIndex(pd.to_datetime(values, utc=True))
+        arr = index.tz_localize(None).to_numpy().astype("datetime64[us]")
+    if len(arr) != n:
+        raise ValueError(f"expected {n} timestamps, got {len(arr)}")
+    if np.isnat(arr).any():
+        raise ValueError("timestamps must not be missing")
+    return arr
+
+
+def _iso_utc(us: np.ndarray) -> np.ndarray:
+    return np.char.add(np.datetime_as_string(us, unit="us"), "+00:00")
+
+
+def _as_sequence(values: Any, n: int, what: str) -> Sequence:
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        values = values.to_pylist()
+    elif isinstance(values, (str, bytes)):
+        return [values] * n
+    if len(values) != n:
+        raise ValueError(f"expected {n} {what}, got {len(values)}")
+    return values
+
+
+def unique_ids(geometry_wkb, timestamps, product_ids, embeddings: np.ndarray) -> np.ndarray:
+    """sha256 hex per row over length-prefixed fields (recipe in docs/standard.md).
+
+    For each of geometry WKB, ISO-8601 UTC timestamp with microseconds, product_id (UTF-8) and the
+    embedding as little-endian float32 bytes: 8-byte little-endian length, then the bytes. Scalar
+    timestamps / product ids are broadcast.
+    """
+    emb = np.asarray(embeddings)
+    if emb.ndim != 2:
+        raise ValueError(f"embeddings must be 2-D (N, dim), got shape {emb.shape}")
+    if emb.dtype != np.float32:
+        raise ValueError(f"embeddings must be float32 (the stored dtype), got {emb.dtype}")
+    n, dim = emb.shape
+    flat = memoryview(np.ascontiguousarray(emb, dtype="<f4")).cast("B")
+    row_bytes = dim * 4
+    emb_len = _U64.pack(row_bytes)
+    geoms = _as_sequence(geometry_wkb, n, "geometries")
+    stamps = _iso_utc(_utc_microseconds(timestamps, n))
+    products = _as_sequence(product_ids, n, "product ids")
+    pack = _U64.pack
+    out = np.empty(n, dtype=object)
+    for i in range(n):
+        geom = geoms[i]
+        stamp = stamps[i].encode("ascii")
+        product = products[i].encode("utf-8")
+        h = hashlib.sha256(pack(len(geom)))
+        h.update(geom)
+        h.update(pack(len(stamp)))
+        h.update(stamp)
+        h.update(pack(len(product)))
+        h.update(product)
+        h.update(emb_len)
+        h.update(flat[i * row_bytes:(i + 1) * row_bytes])
+        out[i] = h.hexdigest()
+    return out
+
+
+# --------------------------------------------------------------------------------- sample table
+def _parse_cell(grid_cell: str) -> tuple[int, int]:
+    from majortom_assets.grid import parse_cell_name  # lazy: only needed when ints are not given
+
+    return parse_cell_name(grid_cell)
+
+
+def sample_table(
+    embeddings: np.ndarray,
+    *,
+    grid_cell: str,
+    product_id: str,
+    timestamp: Any,
+    crs: str,
+    transform: Sequence[float],
+    boxes: np.ndarray,
+    grid_row_u: int | None = None,
+    grid_col_r: int | None = None,
+    expected_dim: int | None = None,
+    check_finite: bool = True,
+) -> pa.Table:
+    """Table 2 rows for the N fragments of one sample (grid ints parsed from the name if omitted)."""
+    where = f"cell {grid_cell} (product {product_id})"
+    emb = np.asarray(embeddings)
+    boxes = np.asarray(boxes)
+    if emb.dtype != np.float32:
+        raise ValueError(f"{where}: embeddings must be float32, got {emb.dtype}")
+    if emb.ndim != 2:
+        raise ValueError(f"{where}: embeddings must have shape (N, dim), got {emb.shape}")
+    n, dim = emb.shape
+    if expected_dim is not None and dim != expected_dim:
+        raise ValueError(f"{where}: embedding dimension {dim} does not match the expected {expected_dim}")
+    if boxes.shape != (n, 4):
+        raise ValueError(f"{where}: {n} embeddings but pixel boxes of shape {boxes.shape}")
+    if check_finite and not np.isfinite(emb).all():
+        bad = int((~np.isfinite(emb)).any(axis=1).sum())
+        raise ValueError(f"{where}: {bad} of {n} embeddings contain NaN or infinity")
+    if grid_row_u is None or grid_col_r is None:
+        grid_row_u, grid_col_r = _parse_cell(grid_cell)
+
+    emb = np.ascontiguousarray(emb, dtype="<f4")
+    stamp = _utc_microseconds(timestamp, n)
+    try:
+        feet = fragment_footprints(boxes, transform, crs)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from exc
+    ids = unique_ids(feet.geometry_wkb, stamp, product_id, emb)
+
+    def repeat(value, typ):
+        return pa.array(np.full(n, value, dtype=object), typ)
+
+    columns = [
+        pa.array(ids, pa.string()),
+        pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim),
+        repeat(grid_cell, pa.string()),
+        pa.array(np.full(n, grid_row_u, np.int32)),
+        pa.array(np.full(n, grid_col_r, np.int32)),
+        repeat(product_id, pa.string()),
+        pa.array(stamp, pa.timestamp("us", tz="UTC")),
+        pa.array(feet.geometry_wkb, pa.binary()),
+        pa.array(feet.utm_wkt, pa.string()),
+        repeat(str(crs), pa.string()),
+        pa.FixedSizeListArray.from_arrays(pa.array(boxes.astype(np.int32).reshape(-1)), 4),
+        pa.array(feet.centre_lat),
+        pa.array(feet.centre_lon),
+    ]
+    return pa.Table.from_arrays(columns, schema=embedding_schema(dim))
+
+
+# ------------------------------------------------------------------------------- file metadata
+class EmbeddingFileInfo(BaseModel):
+    """Provenance stored in every embedding file (JSON under the b"majortom" schema key)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
+
+    model: str = Field(min_length=1)
+    weights: str = Field(min_length=1, description="weights name or source (path, URL, 'random')")
+    weights_sha256: str | None = None
+    random_weights: bool
+    embedding_dim: int = Field(gt=0, validation_alias=AliasChoices("embedding_dim", "dim"))
+    embedding_dtype: str = Field("float32", validation_alias=AliasChoices("embedding_dtype", "dtype"))
+    fragment_size: int = Field(gt=0)
+    target_overlap: float = Field(ge=0.0, lt=1.0)
+    source_collection: str
+    created_with: str = Field(default_factory=lambda: f"majortom-assets {_package_version()}")
+    standard: str = STANDARD_VERSION
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("embedding_dtype")
+    @classmethod
+    def _float32_only(cls, value: str) -> str:
+        if value != "float32":
+            raise ValueError(f"embedding files store float32 embeddings, got dtype {value!r}")
+        return value
+
+    @property
+    def dim(self) -> int:
+        return self.embedding_dim
+
+    @property
+    def dtype(self) -> str:
+        return self.embedding_dtype
+
+    def schema_metadata(self) -> dict[bytes, bytes]:
+        meta = {
+            META_INFO: self.model_dump_json().encode(),
+            META_MODEL: self.model.encode(),
+            META_WEIGHTS: self.weights.encode(),
+            META_RANDOM: b"true" if self.random_weights else b"false",
+        }
+        if self.random_weights:
+            meta[META_WARNING] = RANDOM_WEIGHTS_WARNING.encode()
+        return meta
+
+
+def _package_version() -> str:
+    try:
+        return _pkg_metadata.version("majortom-assets")
+    except _pkg_metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def read_info(path: str | os.PathLike) -> EmbeddingFileInfo:
+    meta = pq.read_schema(path).metadata or {}
+    if META_INFO not in meta:
+        raise ValueError(f"{path}: not a Major TOM embedding file (no {META_INFO.decode()!r} metadata)")
+    return EmbeddingFileInfo.model_validate_json(meta[META_INFO])
+
+
+def read_geo_metadata(path: str | os.PathLike) -> dict:
+    """The GeoParquet `geo` metadata as stored in the Parquet footer."""
+    meta = pq.read_metadata(path).metadata or {}
+    if META_GEO not in meta:
+        raise ValueError(f"{path}: no GeoParquet 'geo' metadata")
+    return json.loads(meta[META_GEO])
+
+
+# ------------------------------------------------------------------------------ atomic output
+def _fsync_path(path: Path, directory: bool = False) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    except OSError:
+        return  # some filesystems / platforms cannot open directories; durability is best-effort
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a hidden temp path beside `path`; it replaces `path` only if the block succeeds.
+
+    The temp name keeps the suffix so format-sniffing writers (PIL, rasterio) still work.
+    On any exception the temp file is removed and an existing `path` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp{path.suffix}")
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise FileNotFoundError(f"nothing was written to the temporary file for {path}")
+        _fsync_path(tmp)
+        os.replace(tmp, path)
+        _fsync_path(path.parent, directory=True)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# ------------------------------------------------------------------------------------- writer
+class _GeoStats:
+    """Geometry types and the (antimeridian-aware) bbox accumulated over all written rows."""
+
+    def __init__(self) -> None:
+        self.type_ids: set[int] = set()
+        self.lon_intervals = np.empty((0, 2))  # merged, sorted, disjoint
+        self.ymin, self.ymax = np.inf, -np.inf
+
+    def add(self, wkb: pa.ChunkedArray | pa.Array) -> None:
+        geoms = shapely.from_wkb(wkb.to_numpy(zero_copy_only=False))
+        if shapely.is_missing(geoms).any():
+            raise ValueError("geometry column contains nulls")
+        self.type_ids.update(int(t) for t in np.unique(shapely.get_type_id(geoms)))
+        parts = shapely.get_parts(geoms)
+        parts = parts[~shapely.is_empty(parts)]
+        if len(parts) == 0:
+            return
+        bounds = shapely.bounds(parts)
+        self.ymin = min(self.ymin, float(bounds[:, 1].min()))
+        self.ymax = max(self.ymax, float(bounds[:, 3].max()))
+        self.lon_intervals = _merge_intervals(np.concatenate([self.lon_intervals, bounds[:, [0, 2]]]))
+
+    def geometry_types(self) -> list[str]:
+        return [_GEOMETRY_TYPE_NAMES.get(t, "Unknown") for t in sorted(self.type_ids)]
+
+    def bbox(self) -> list[float] | None:
+        """[west, south, east, north]; west > east when the tightest box crosses +-180."""
+        iv = self.lon_intervals
+        if len(iv) == 0:
+            return None
+        west, east = float(iv[0, 0]), float(iv[-1, 1])
+        seam_gap = (west + 180.0) + (180.0 - east)
+        if len(iv) > 1:
+            gaps = iv[1:, 0] - iv[:-1, 1]
+            k = int(np.argmax(gaps))
+            if gaps[k] > seam_gap:  # leaving out an interior gap is tighter: wrap across 180
+                west, east = float(iv[k + 1, 0]), float(iv[k, 1])
+        return [west, self.ymin, east, self.ymax]
+
+
+def _merge_intervals(iv: np.ndarray) -> np.ndarray:
+    """Union of closed intervals, vectorised (sort, running max of ends, split at gaps)."""
+    if len(iv) == 0:
+        return iv
+    iv = iv[np.argsort(iv[:, 0], kind="stable")]
+    ends = np.maximum.accumulate(iv[:, 1])
+    starts_new = np.concatenate([[True], iv[1:, 0] > ends[:-1]])
+    last = np.concatenate([np.nonzero(starts_new)[0][1:] - 1, [len(iv) - 1]])
+    return np.stack([iv[starts_new, 0], ends[last]], axis=1)
+
+
+def geo_metadata(geometry_types: list[str], bbox: list[float] | None) -> dict:
+    column: dict[str, Any] = {
+        "encoding": "WKB",
+        "geometry_types": geometry_types,
+        "crs": pyproj.CRS(WGS84).to_json_dict(),
+        "orientation": "counterclockwise",
+        "edges": "planar",
+    }
+    if bbox is not None:
+        column["bbox"] = bbox
+    return {"version": GEOPARQUET_VERSION, "primary_column": "geometry", "columns": {"geometry": column}}
+
+
+def _reserved_geo_json() -> bytes:
+    """A valid `geo` value padded with spaces to the longest length the final value can take."""
+    widest = geo_metadata(list(_GEOMETRY_TYPE_NAMES.values()), [-1.2345678901234567e-100] * 4)
+    size = len(json.dumps(widest).encode()) + 16
+    placeholder = json.dumps(geo_metadata([], None)).encode()
+    return placeholder + b" " * (size - len(placeholder))
+
+
+def _patch_footer_geo(path: Path, reserved: bytes, final: bytes) -> None:
+    """Swap the reserved `geo` value for the final one in place, in both footer copies.
+
+    pyarrow serialises the schema metadata (plain key/value and the base64 ARROW:schema blob)
+    when the writer opens, before the bbox is known. Both copies hold `reserved`; replacing it
+    with an equally long value keeps every length and offset in the footer valid, so no data is
+    rewritten. Any surprise in the layout raises instead of producing an inconsistent file.
+    """
+    final = final + b" " * (len(reserved) - len(final))
+    if len(final) != len(reserved):
+        raise RuntimeError("geo metadata outgrew its reserved space")
+    arrow_b64 = pq.read_metadata(path).metadata[b"ARROW:schema"]
+    arrow_schema = base64.b64decode(arrow_b64)
+    new_b64 = base64.b64encode(arrow_schema.replace(reserved, final))
+    with open(path, "r+b") as fh:
+        fh.seek(-8, os.SEEK_END)
+        footer_len, magic = struct.unpack("<I4s", fh.read(8))
+        if magic != b"PAR1":
+            raise RuntimeError(f"{path}: not a plain Parquet file")
+        start = fh.seek(-8 - footer_len, os.SEEK_END)
+        footer = fh.read(footer_len)
+        if (footer.count(reserved) != 1 or arrow_schema.count(reserved) != 1
+                or footer.count(arrow_b64) != 1 or base64.b64encode(arrow_schema) != arrow_b64
+                or len(new_b64) != len(arrow_b64)):
+            raise RuntimeError(f"{path}: unexpected Parquet footer layout, cannot finalise geo metadata")
+        footer = footer.replace(reserved, final).replace(arrow_b64, new_b64)
+        fh.seek(start)
+        fh.write(footer)
+
+
+def write_embeddings(
+    path: str | os.PathLike,
+    tables: Iterable[pa.Table] | pa.Table,
+    info: EmbeddingFileInfo,
+    row_group_size: int = 4096,
+    compression: str = "zstd",
+) -> Path:
+    """Stream Table 2 tables into one GeoParquet 1.1 file, atomically.
+
+    Small per-sample tables are buffered into row groups of `row_group_size` rows. A table with
+    the wrong schema aborts the write (naming its cell) and leaves any existing file untouched.
+    """
+    if row_group_size <= 0:
+        raise ValueError(f"row_group_size must be positive, got {row_group_size}")
+    if isinstance(tables, pa.Table):
+        tables = [tables]
+    path = Path(path)
+    schema = embedding_schema(info.embedding_dim)
+    reserved = _reserved_geo_json()
+    stats = _GeoStats()
+    file_schema = schema.with_metadata({**info.schema_metadata(), META_GEO: reserved})
+    with atomic_output(path) as tmp:
+        writer = pq.ParquetWriter(
+            tmp, file_schema, compression=compression, use_dictionary=_DICTIONARY_COLUMNS,
+            write_statistics=_STATISTICS_COLUMNS, store_schema=True,
+        )
+        try:
+            pending: list[pa.Table] = []
+            pending_rows = 0
+            for table in tables:
+                _check_table(table, schema, path)
+                if table.num_rows == 0:
+                    continue
+                stats.add(table.column("geometry"))
+                pending.append(table.replace_schema_metadata(None))
+                pending_rows += table.num_rows
+                if pending_rows >= row_group_size:
+                    full = pending_rows - pending_rows % row_group_size
+                    merged = pa.concat_tables(pending)
+                    writer.write_table(merged.slice(0, full), row_group_size=row_group_size)
+                    rest = merged.slice(full)
+                    pending, pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+            if pending_rows:
+                writer.write_table(pa.concat_tables(pending), row_group_size=row_group_size)
+        finally:
+            writer.close()
+        final = json.dumps(geo_metadata(stats.geometry_types(), stats.bbox())).encode()
+        _patch_footer_geo(tmp, reserved, final)
+    return path
+
+
+def _check_table(table: pa.Table, schema: pa.Schema, path: Path) -> None:
+    if table.schema.equals(schema, check_metadata=False):
+        return
+    cell = table.column("grid_cell")[0].as_py() if ("grid_cell" in table.column_names
+                                                     and table.num_rows) else "?"
+    if table.schema.names != schema.names:
+        raise ValueError(f"{path}: table for cell {cell} has columns {table.schema.names}, "
+                         f"expected {schema.names}")
+    for got, want in zip(table.schema, schema):
+        if not got.equals(want):
+            raise ValueError(f"{path}: table for cell {cell}: column {want.name} is {got.type} "
+                             f"(nullable={got.nullable}), expected {want.type} (nullable={want.nullable})")
+
+
+# ------------------------------------------------------------------------------------- reading
+def read_table(path: str | os.PathLike, columns: Sequence[str] | None = None, filters=None) -> pa.Table:
+    return pq.read_table(path, columns=list(columns) if columns is not None else None, filters=filters)
+
+
+def embedding_matrix(data: pa.Table | pa.RecordBatch | pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """(N, dim) float32 view/copy of an embedding column, without a per-row loop.
+
+    Zero-copy for a single chunk without nulls; several chunks are copied once into one array.
+    """
+    if isinstance(data, (pa.Table, pa.RecordBatch)):
+        data = data.column("embedding")
+    chunks = data.chunks if isinstance(data, pa.ChunkedArray) else [data]
+    typ = data.type
+    if not pa.types.is_fixed_size_list(typ) or not pa.types.is_float32(typ.value_type):
+        raise TypeError(f"embedding column must be fixed_size_list<float32>, got {typ}")
+    dim = typ.list_size
+    if data.null_count:
+        raise ValueError(f"embedding column has {data.null_count} null rows")
+    mats = [chunk.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim) for chunk in chunks]
+    if len(mats) == 1:
+        return mats[0]
+    if not mats:
+        return np.empty((0, dim), np.float32)
+    return np.concatenate(mats, axis=0)
+
+
+@dataclass
+class VerifyReport:
+    """Outcome of recomputing every unique_id of a file."""
+
+    path: str
+    rows: int
+    mismatched_ids: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # file-level: schema, metadata
+
+    @property
+    def bad_ids(self) -> list[str]:
+        return self.mismatched_ids
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatched_ids and not self.problems
+
+
+def verify_file(path: str | os.PathLike, batch_size: int = 8192) -> VerifyReport:
+    """Recompute every unique_id, streaming batch by batch (memory bounded by `batch_size`)."""
+    report = VerifyReport(path=str(path), rows=0)
+    pf = pq.ParquetFile(path)
+    try:
+        info = read_info(path)
+        expected = embedding_schema(info.embedding_dim)
+        if not pf.schema_arrow.equals(expected, check_metadata=False):
+            report.problems.append(f"schema differs from Table 2 with dim {info.embedding_dim}")
+    except ValueError as exc:
+        report.problems.append(str(exc))
+    try:
+        geo = read_geo_metadata(path)
+        if geo.get("version") != GEOPARQUET_VERSION or "geometry" not in geo.get("columns", {}):
+            report.problems.append("geo metadata is not GeoParquet 1.1 for column 'geometry'")
+    except ValueError as exc:
+        report.problems.append(str(exc))
+    missing = [c for c in _HASHED_COLUMNS if c not in pf.schema_arrow.names]
+    if missing:
+        report.problems.append(f"missing columns {missing}")
+        return report
+    for batch in pf.iter_batches(batch_size=batch_size, columns=_HASHED_COLUMNS):
+        report.rows += batch.num_rows
+        stored = np.asarray(batch.column("unique_id").to_pylist(), dtype=object)
+        try:
+            fresh = unique_ids(batch.column("geometry"), batch.column("timestamp"),
+                               batch.column("product_id"), embedding_matrix(batch.column("embedding")))
+        except (ValueError, TypeError) as exc:
+            report.problems.append(f"rows {report.rows - batch.num_rows}..{report.rows - 1}: {exc}")
+            continue
+        bad = stored != fresh
+        report.mismatched_ids.extend(str(s) for s in stored[bad])
+    return report
