@@ -1,0 +1,167 @@
+"""The `majortom` command.
+
+    majortom embed --collection data/collections/Core-S2L1C --model ssl4eo-s2 --weights pretrained \\
+        --out data/embeddings --rows 136U 137U
+
+writes one GeoParquet per grid row to OUT/<model>/row=<ROW>/embeddings.parquet (atomically).
+`--tiny` swaps in a small random model of the same architecture (tests and demos; its embedding
+dimension is smaller, see majortom_assets.models). Vector subcommands (search, export, pca-map,
+evaluate, timeseries, sql) come from `majortom_assets.vectors.commands` when it is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import ValidationError
+
+MAX_LISTED_FAILURES = 20
+_OPTIONAL_COMMAND_MODULES = {"majortom_assets.vectors.commands", "majortom_assets.vectors"}
+
+
+def _split_list(values: Sequence[str] | None) -> list[str] | None:
+    """`--rows 136U 137U` and `--rows 136U,137U` both work."""
+    if not values:
+        return None
+    return [item.strip() for value in values for item in value.split(",") if item.strip()]
+
+
+def _add_embed(subparsers: argparse._SubParsersAction) -> None:
+    from majortom_assets.models import MODEL_SPECS
+
+    p = subparsers.add_parser(
+        "embed", help="embed a Core collection into Major TOM embedding GeoParquet files",
+        description="Embed the samples of a Core collection, one GeoParquet file per grid row.",
+    )
+    p.add_argument("--collection", required=True, help="Core collection: local folder, fsspec URL or hf://datasets/...")
+    p.add_argument("--model", required=True, choices=sorted(MODEL_SPECS))
+    p.add_argument("--weights", default="pretrained",
+                   help="'pretrained' (torchgeo / HF cache), 'random' (seeded, flagged in the file) or a "
+                        "weights file / HF model folder (default: pretrained)")
+    p.add_argument("--out", required=True, type=Path, help="output root; files go to OUT/<model>/row=<ROW>/")
+    p.add_argument("--rows", nargs="+", help="grid rows to embed, e.g. 136U 12D (default: all)")
+    p.add_argument("--limit", type=int, help="embed at most N samples")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<index> (default: auto)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto = bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--batch-size", type=int, default=64, help="fragments per model call (default: 64)")
+    p.add_argument("--decode-workers", type=int, default=2, help="sample decoding threads (default: 2)")
+    p.add_argument("--image-size", type=int, default=1068, help="10 m side of the samples (default: 1068)")
+    p.add_argument("--seed", type=int, default=0, help="seed for random weights (default: 0)")
+    p.add_argument("--tiny", action="store_true",
+                   help="use a tiny random model of the same architecture (tests/demos; smaller embedding dim)")
+    p.add_argument("--reference-compatible", action="store_true",
+                   help="reproduce the public reference's DINOv2 preprocessing (comparison only)")
+    p.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
+    p.set_defaults(func=run_embed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="majortom", description="Major TOM embedding expansions.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_embed(subparsers)
+    try:
+        vector_commands = importlib.import_module("majortom_assets.vectors.commands")
+    except ModuleNotFoundError as exc:
+        if exc.name not in _OPTIONAL_COMMAND_MODULES:
+            raise
+    else:
+        vector_commands.register(subparsers)
+    return parser
+
+
+def _describe(exc: Exception) -> str:
+    """One line per problem, without pydantic's URLs."""
+    if isinstance(exc, ValidationError):
+        return "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or exc.title}: {err['msg'].removeprefix('Value error, ')}"
+            for err in exc.errors()
+        )
+    return str(exc)
+
+
+def _fail(message: str) -> int:
+    print(f"majortom: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from majortom_assets import grid
+    from majortom_assets.core import CoreCollection, MetadataFilter
+    from majortom_assets.engine import EmbedStats, EngineConfig, embed_to_file
+    from majortom_assets.models import WeightsUnavailableError, load_embedder
+
+    try:
+        config = EngineConfig(device=args.device, precision=args.precision, batch_size=args.batch_size,
+                              decode_workers=args.decode_workers, image_size=args.image_size)
+        device = config.resolve_device()
+        config.resolve_precision(device)
+        flt = MetadataFilter(rows=_split_list(args.rows), limit=args.limit)
+    except (ValidationError, ValueError) as exc:
+        return _fail(_describe(exc))
+    try:
+        collection = CoreCollection(str(args.collection))
+        metadata = collection.metadata(flt)
+    except (FileNotFoundError, ValueError) as exc:
+        return _fail(str(exc))
+    if metadata.empty:
+        print("no samples match the selection; nothing to embed", file=sys.stderr)
+        return 1
+    try:
+        embedder = load_embedder(args.model, args.weights, tiny=args.tiny, seed=args.seed,
+                                 reference_compatible=args.reference_compatible)
+    except (WeightsUnavailableError, ValueError, TypeError, FileNotFoundError) as exc:
+        return _fail(str(exc))
+    if embedder.weights.random:
+        print(f"WARNING: {args.model} uses RANDOM weights ({embedder.weights.name}); the embeddings carry no "
+              "meaning and the files are flagged random_weights=true", file=sys.stderr)
+
+    total = EmbedStats(device=str(device))
+    started = time.perf_counter()
+    rows = sorted(metadata["grid_row_u"].unique())
+    with tqdm(total=len(metadata), unit="cell", disable=args.no_progress, file=sys.stderr) as bar:
+        def on_result(item) -> None:
+            bar.update(1)
+
+        for row in rows:
+            name = grid.row_name(int(row))
+            out = args.out / args.model / f"row={name}" / "embeddings.parquet"
+            bar.set_postfix_str(f"row {name}")
+            stats = embed_to_file(collection, metadata[metadata["grid_row_u"] == row], embedder, config, out,
+                                  collection.url, on_result=on_result)
+            total.samples += stats.samples
+            total.fragments += stats.fragments
+            total.failures.extend(stats.failures)
+            total.batch_size, total.precision = stats.batch_size, stats.precision
+    total.finish(started)
+    _print_summary(total, len(rows), args.out / args.model)
+    return 0 if total.samples or not total.failures else 1
+
+
+def _print_summary(stats, n_rows: int, out_dir: Path) -> None:
+    print(f"embedded {stats.samples} cells ({stats.fragments} fragments) into {n_rows} row file(s) under "
+          f"{out_dir} in {stats.seconds:.1f} s: {stats.cells_per_s:.2f} cells/s on {stats.device} "
+          f"({stats.precision}, batch {stats.batch_size})")
+    if stats.failures:
+        print(f"skipped {len(stats.failures)} sample(s):")
+        for failure in stats.failures[:MAX_LISTED_FAILURES]:
+            print(f"  {failure.grid_cell} {failure.product_id}: {failure.reason}")
+        if len(stats.failures) > MAX_LISTED_FAILURES:
+            print(f"  ... and {len(stats.failures) - MAX_LISTED_FAILURES} more")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

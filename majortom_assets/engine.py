@@ -1,0 +1,464 @@
+"""Batched inference: Core samples -> fragments -> embeddings -> Table 2 rows.
+
+Pipeline (one call of `embed_samples`):
+
+1. a thread pool reads, decodes and checks samples ahead of the model (`prefetch_samples` in
+   flight) and copies each sample's fragments into one reusable host buffer: raw uint16/float32
+   in pinned memory for CUDA, already converted and normalised in place for CPU;
+2. the main thread fills model batches from those buffers regardless of cell boundaries, copies
+   them to the device (non-blocking; CUDA normalises there) and runs the model under
+   `torch.inference_mode` (+ autocast on CUDA, channels-last for CNNs), halving the batch on
+   CUDA out-of-memory;
+3. once all fragments of a sample are embedded, a finisher thread builds its Table 2 rows
+   (footprints, unique ids) while the device works on the next batch.
+
+Results come out in metadata order. A sample that cannot be read, has invalid values or cannot
+be fragmented becomes a `SampleFailure`; the others go on.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from majortom_assets import geoparquet
+from majortom_assets.core import CoreCollection, SampleError
+from majortom_assets.fragment import FragmentLayout, fragment_layout, gather_fragments
+from majortom_assets.models import Embedder, find_invalid_values
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_TORCH_DTYPES = {np.dtype(np.uint16): torch.uint16, np.dtype(np.float32): torch.float32,
+                 np.dtype(np.uint8): torch.uint8, np.dtype(np.int16): torch.int16}
+CORE_IMAGE_SIZE = 1068  # 10 m side of a Major TOM Core sample (STANDARD.md §1)
+
+
+class EngineConfig(BaseModel):
+    """How to run a model over samples; validated so a bad value fails before any work starts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    device: str = "auto"
+    precision: Precision = "auto"
+    batch_size: int = Field(64, ge=1, description="fragments per model call (cells are mixed freely)")
+    decode_workers: int = Field(2, ge=1, description="threads reading and decoding samples")
+    prefetch_samples: int = Field(4, ge=1, description="samples decoded ahead of the model")
+    channels_last: bool = True
+    image_size: int = Field(CORE_IMAGE_SIZE, ge=1, description="10 m side the samples are decoded to")
+
+    @field_validator("device")
+    @classmethod
+    def _device_syntax(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not _DEVICE.match(value):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:<index>, got {value!r}")
+        return value
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(self.device)
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"device {self.device!r} requested but CUDA is not available; use --device cpu")
+            index = device.index or 0
+            if index >= torch.cuda.device_count():
+                raise ValueError(
+                    f"device {self.device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist"
+                )
+        return device
+
+    def resolve_precision(self, device: torch.device) -> str:
+        """'auto' means bf16 autocast on CUDA and plain fp32 on CPU; fp16 needs CUDA."""
+        if self.precision == "auto":
+            return "bf16" if device.type == "cuda" else "fp32"
+        if self.precision == "fp16" and device.type != "cuda":
+            raise ValueError("precision fp16 needs a CUDA device; use fp32 or bf16 on CPU")
+        return self.precision
+
+
+@dataclass(frozen=True)
+class SampleFailure:
+    """A sample that was skipped, and why (names band/file when the reader knew them)."""
+
+    product_id: str
+    grid_cell: str
+    reason: str
+
+
+@dataclass
+class EmbedStats:
+    samples: int = 0           # samples embedded
+    fragments: int = 0         # rows written
+    failures: list[SampleFailure] = field(default_factory=list)
+    seconds: float = 0.0
+    cells_per_s: float = 0.0
+    device: str = "cpu"
+    batch_size: int = 0        # final batch size (smaller than configured after OOM halving)
+    precision: str = "fp32"
+
+    def add(self, item: pa.Table | SampleFailure) -> None:
+        if isinstance(item, SampleFailure):
+            self.failures.append(item)
+        else:
+            self.samples += 1
+            self.fragments += item.num_rows
+
+    def finish(self, started: float) -> EmbedStats:
+        self.seconds = time.perf_counter() - started
+        self.cells_per_s = self.samples / self.seconds if self.seconds > 0 else 0.0
+        return self
+
+
+@dataclass
+class _Prepared:
+    """A decoded sample's fragments, waiting in a host buffer for the model."""
+
+    row: Mapping[str, Any]
+    crs: str
+    transform: tuple[float, ...]
+    timestamp: Any
+    boxes: np.ndarray
+    buffer: torch.Tensor           # (N, C, s, s): CUDA raw values in pinned memory, CPU model input
+    embeddings: np.ndarray         # (N, dim) float32, filled batch by batch
+    result: Future | None = None   # the finisher's Table 2 rows, once every fragment is embedded
+
+
+class _BufferPool:
+    """Reuses fragment buffers of the common shape: pinning host memory costs milliseconds per MB."""
+
+    def __init__(self, pin: bool) -> None:
+        self.pin = pin
+        self._free: dict[tuple, list[torch.Tensor]] = {}
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        stack = self._free.get((shape, dtype))
+        if stack:
+            try:
+                return stack.pop()
+            except IndexError:  # another thread took the last one
+                pass
+        return torch.empty(shape, dtype=dtype, pin_memory=self.pin)
+
+    def give(self, buffer: torch.Tensor) -> None:
+        self._free.setdefault((tuple(buffer.shape), buffer.dtype), []).append(buffer)
+
+
+def _row_value(row: Mapping[str, Any], name: str, default: Any = None) -> Any:
+    value = row.get(name, default)
+    return default if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+class _Run:
+    """State of one `embed_samples` call."""
+
+    def __init__(self, collection: CoreCollection, embedder: Embedder, config: EngineConfig) -> None:
+        self.collection = collection
+        self.embedder = embedder
+        self.config = config
+        self.spec = embedder.spec
+        self.device = config.resolve_device()
+        self.precision = config.resolve_precision(self.device)
+        self.batch_size = config.batch_size
+        self.cuda = self.device.type == "cuda"
+        self.pool = _BufferPool(pin=self.cuda)
+        self._staging: torch.Tensor | None = None
+        self.channels_last = config.channels_last and embedder.prefers_channels_last
+        embedder.to(self.device)
+        if self.channels_last:
+            embedder.to(memory_format=torch.channels_last)
+        embedder.eval()
+
+    # ---- stage 1: background threads
+    def prepare(self, row: Mapping[str, Any]) -> _Prepared | SampleFailure:
+        product_id, grid_cell = str(row.get("product_id")), str(row.get("grid_cell"))
+        try:
+            sample = self.collection.read_sample(row, self.spec.bands, size=self.config.image_size, max_workers=1)
+        except SampleError as exc:
+            return SampleFailure(product_id, grid_cell, f"read failed: {exc}")
+        except Exception as exc:  # noqa: BLE001 -- an unreadable sample must not stop the others
+            return SampleFailure(product_id, grid_cell, f"read failed: {type(exc).__name__}: {exc}")
+        pixels = sample.pixels
+        invalid = find_invalid_values(pixels, self.spec.normalisation, self.spec.bands)
+        if invalid:
+            return SampleFailure(product_id, grid_cell, f"invalid values: {invalid}")
+        try:
+            layout: FragmentLayout = fragment_layout(
+                pixels.shape[-2], pixels.shape[-1], self.spec.fragment_size, self.spec.target_overlap
+            )
+        except ValueError as exc:
+            return SampleFailure(product_id, grid_cell, f"cannot fragment: {exc}")
+        shape = (layout.count, pixels.shape[0], layout.fragment_size, layout.fragment_size)
+        # CPU: convert to float32 here, in parallel, so the model thread only normalises in place;
+        # CUDA: keep the raw dtype (uint16 is half the bytes to transfer) and widen on the device.
+        dtype = _TORCH_DTYPES[pixels.dtype] if self.cuda else torch.float32
+        buffer = self.pool.take(shape, dtype)
+        gather_fragments(pixels, layout, out=buffer.numpy())
+        if not self.cuda:  # normalise here too, in parallel with the model thread
+            normalised = self.embedder.preprocess(buffer, inplace=True)
+            if normalised.data_ptr() != buffer.data_ptr():
+                buffer.copy_(normalised)
+        return _Prepared(
+            row=row, crs=sample.crs, transform=sample.transform, timestamp=sample.timestamp,
+            boxes=layout.boxes, buffer=buffer,
+            embeddings=np.empty((layout.count, self.embedder.embedding_dim), dtype=np.float32),
+        )
+
+    def finish(self, prepared: _Prepared) -> pa.Table | SampleFailure:
+        row = prepared.row
+        product_id, grid_cell = str(row["product_id"]), str(row["grid_cell"])
+        try:
+            return geoparquet.sample_table(
+                prepared.embeddings, grid_cell=grid_cell, product_id=product_id,
+                timestamp=prepared.timestamp, crs=prepared.crs, transform=prepared.transform,
+                boxes=prepared.boxes, grid_row_u=_row_value(row, "grid_row_u"),
+                grid_col_r=_row_value(row, "grid_col_r"), expected_dim=self.embedder.embedding_dim,
+            )
+        except ValueError as exc:
+            return SampleFailure(product_id, grid_cell, f"output rows: {exc}")
+
+    # ---- stage 2: the model
+    def _device_input(self, parts: list[tuple[_Prepared, int, int]]) -> torch.Tensor:
+        """The batch's fragments on the device (raw on CUDA, already normalised on CPU)."""
+        first = parts[0][0].buffer
+        if len(parts) == 1 and not self.cuda:
+            _, lo, hi = parts[0]
+            return first[lo:hi]
+        n = sum(hi - lo for _, lo, hi in parts)
+        shape = (self.config.batch_size, *first.shape[1:])
+        if self._staging is None or self._staging.shape != shape or self._staging.dtype != first.dtype:
+            # reused: a fresh 100+ MB tensor per batch costs more in page faults than the copy itself
+            self._staging = torch.empty(shape, dtype=first.dtype, device=self.device)
+        raw = self._staging[:n]
+        offset = 0
+        for p, lo, hi in parts:  # pinned source: asynchronous copies, finished before the output comes back
+            raw[offset : offset + hi - lo].copy_(p.buffer[lo:hi], non_blocking=True)
+            offset += hi - lo
+        return raw
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Model outputs for x, split into chunks of the current batch size; halves it on CUDA OOM."""
+        outputs: list[torch.Tensor] = []
+        start = 0
+        while start < x.shape[0]:
+            chunk = x[start : start + self.batch_size]
+            try:
+                if self.precision == "fp32":
+                    y = self.embedder(chunk)
+                else:
+                    with torch.autocast(self.device.type, dtype=_AUTOCAST_DTYPES[self.precision]):
+                        y = self.embedder(chunk)
+            except torch.cuda.OutOfMemoryError:
+                if self.batch_size == 1:
+                    raise
+                self.batch_size = max(1, self.batch_size // 2)
+                torch.cuda.empty_cache()
+                continue
+            outputs.append(y.float())
+            start += chunk.shape[0]
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    @torch.inference_mode()
+    def run_batch(self, parts: list[tuple[_Prepared, int, int]]) -> None:
+        x = self._device_input(parts)
+        if self.cuda:
+            x = self.embedder.preprocess(x, inplace=True)  # the staging tensor is ours
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = self._forward(x).cpu().numpy()
+        offset = 0
+        for p, lo, hi in parts:
+            p.embeddings[lo:hi] = out[offset : offset + hi - lo]
+            offset += hi - lo
+
+
+def _records(metadata: pd.DataFrame) -> Iterator[dict[str, Any]]:
+    """Metadata rows as dicts, lazily (a whole-archive frame would not fit as a list of dicts)."""
+    missing = [c for c in ("product_id", "grid_cell", "parquet_url", "parquet_row") if c not in metadata.columns]
+    if missing:
+        raise ValueError(f"metadata lacks column(s) {missing}; pass rows of CoreCollection.metadata()")
+    columns = list(metadata.columns)
+    return (dict(zip(columns, values, strict=True)) for values in metadata.itertuples(index=False, name=None))
+
+
+def embed_samples(
+    collection: CoreCollection, metadata: pd.DataFrame, embedder: Embedder, config: EngineConfig | None = None
+) -> Iterator[pa.Table | SampleFailure]:
+    """One Table 2 table (or SampleFailure) per metadata row, in metadata order.
+
+    The embedder is moved to the configured device. Consumers may stop early: background work
+    is cancelled when the generator is closed.
+    """
+    config = config or EngineConfig()
+    run = _Run(collection, embedder, config)
+    yield from _pipeline(run, _records(metadata))
+
+
+def _pipeline(run: _Run, rows: Iterator[dict[str, Any]]) -> Iterator[pa.Table | SampleFailure]:
+    config = run.config
+    decoders = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="majortom-prepare")
+    finisher = ThreadPoolExecutor(1, thread_name_prefix="majortom-finish")
+    upcoming: deque[Future] = deque()
+    outbox: deque[_Prepared | SampleFailure] = deque()   # metadata order
+    parts: list[tuple[_Prepared, int, int]] = []       # the batch being filled
+    filled = 0
+
+    def refill() -> None:
+        while len(upcoming) < config.prefetch_samples:
+            row = next(rows, None)
+            if row is None:
+                return
+            upcoming.append(decoders.submit(run.prepare, row))
+
+    def flush() -> None:
+        nonlocal parts, filled
+        if not parts:
+            return
+        run.run_batch(parts)
+        for p, _, hi in parts:
+            if hi == p.buffer.shape[0]:  # the sample's last fragments: its buffer is free again
+                run.pool.give(p.buffer)
+                p.result = finisher.submit(run.finish, p)
+        parts, filled = [], 0
+
+    def ready(wait: bool = False) -> Iterator[pa.Table | SampleFailure]:
+        while outbox:
+            head = outbox[0]
+            if isinstance(head, _Prepared):
+                if head.result is None or not (wait or head.result.done()):
+                    return
+                outbox.popleft()
+                yield head.result.result()
+            else:
+                yield outbox.popleft()
+
+    try:
+        refill()
+        while upcoming:
+            prepared = upcoming.popleft().result()
+            refill()
+            if isinstance(prepared, SampleFailure):
+                outbox.append(prepared)
+            else:
+                outbox.append(prepared)
+                count, lo = prepared.buffer.shape[0], 0
+                while lo < count:
+                    take = min(count - lo, run.batch_size - filled)
+                    parts.append((prepared, lo, lo + take))
+                    filled += take
+                    lo += take
+                    if filled >= run.batch_size:
+                        flush()
+            yield from ready()
+        flush()
+        yield from ready(wait=True)
+    finally:
+        for future in upcoming:
+            future.cancel()
+        decoders.shutdown(wait=True, cancel_futures=True)
+        finisher.shutdown(wait=True, cancel_futures=True)
+
+
+def file_info(embedder: Embedder, source_collection: str, **extra: Any) -> geoparquet.EmbeddingFileInfo:
+    """Provenance for an embedding file: model, weights identity and the random-weights flag."""
+    weights = embedder.weights
+    return geoparquet.EmbeddingFileInfo(
+        model=embedder.spec.name,
+        weights=weights.name,
+        weights_sha256=weights.sha256,
+        random_weights=weights.random,
+        embedding_dim=embedder.embedding_dim,
+        fragment_size=embedder.spec.fragment_size,
+        target_overlap=embedder.spec.target_overlap,
+        source_collection=source_collection,
+        extra={
+            "weights_source": weights.source,
+            "tiny_model": embedder.tiny,
+            "reference_compatible": embedder.reference_compatible,
+            "normalisation": embedder.spec.normalisation,
+            "bands": list(embedder.spec.bands),
+            **extra,
+        },
+    )
+
+
+def embed_to_file(
+    collection: CoreCollection,
+    metadata: pd.DataFrame,
+    embedder: Embedder,
+    config: EngineConfig | None,
+    out_path: str | Path,
+    source_collection: str | None = None,
+    *,
+    on_result: Callable[[pa.Table | SampleFailure], None] | None = None,
+) -> EmbedStats:
+    """Embed `metadata`'s samples into one GeoParquet file, written atomically.
+
+    The file is written even when every sample failed (zero rows), so a partition always has a
+    result; the failures are in the returned stats. `on_result` sees every table / failure (progress).
+    """
+    config = config or EngineConfig()
+    started = time.perf_counter()
+    run = _Run(collection, embedder, config)
+    stats = EmbedStats(device=str(run.device), precision=run.precision)
+    info = file_info(
+        embedder, source_collection or collection.url, device=str(run.device), precision=run.precision,
+    )
+
+    def tables() -> Iterator[pa.Table]:
+        for item in _pipeline(run, _records(metadata)):
+            stats.add(item)
+            if on_result is not None:
+                on_result(item)
+            if not isinstance(item, SampleFailure):
+                yield item
+
+    geoparquet.write_embeddings(out_path, tables(), info)
+    stats.batch_size = run.batch_size
+    return stats.finish(started)
+
+
+def failures_table(failures: list[SampleFailure]) -> pa.Table:
+    return pa.table(
+        {
+            "product_id": pa.array([f.product_id for f in failures], pa.string()),
+            "grid_cell": pa.array([f.grid_cell for f in failures], pa.string()),
+            "reason": pa.array([f.reason for f in failures], pa.string()),
+        }
+    )
+
+
+def write_failures(path: str | Path, failures: list[SampleFailure]) -> Path:
+    """Skipped samples as a small Parquet table (product_id, grid_cell, reason), written atomically."""
+    import pyarrow.parquet as pq
+
+    with geoparquet.atomic_output(path) as tmp:
+        pq.write_table(failures_table(failures), tmp)
+    return Path(path)
+
+
+__all__ = [
+    "CORE_IMAGE_SIZE",
+    "EmbedStats",
+    "EngineConfig",
+    "SampleFailure",
+    "embed_samples",
+    "embed_to_file",
+    "failures_table",
+    "file_info",
+    "write_failures",
+]
