@@ -1,0 +1,1 @@
+"""Dagster layer: assets, resources, checks and automation, auto-loaded by definitions.py."""

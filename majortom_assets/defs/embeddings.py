@@ -1,0 +1,145 @@
+"""Embeddings per model and grid row: one Table 2 GeoParquet file per partition, via the engine.
+
+The model is a resource (`embedder_<model>`), built once per process; the asset only points the
+engine at the row's local Core copy and records what happened. Steps take the `gpu` pool, so one
+embedding step at a time holds the device, and backfills batch many rows per run because loading
+a model dominates small rows.
+"""
+
+import dagster as dg
+import pandas as pd
+import pyarrow.parquet as pq
+
+from majortom_assets import geoparquet
+from majortom_assets.core import CoreCollection
+from majortom_assets.defs import keys, presentation
+from majortom_assets.defs.partitions import GRID_ROWS, ROW_BACKFILL
+from majortom_assets.defs.resources import (
+    CollectionsResource,
+    EmbedderResource,
+    StorageResource,
+    load_settings,
+)
+from majortom_assets.deployment import GPU_POOL, gpu_step_tags
+from majortom_assets.engine import embed_to_file, write_failures
+from majortom_assets.models.spec import MODEL_SPECS
+
+PREVIEW_COLUMNS = [
+    "unique_id",
+    "grid_cell",
+    "product_id",
+    "timestamp",
+    "pixel_bbox",
+    "centre_lat",
+    "centre_lon",
+    "embedding",
+]
+
+
+def weights_metadata(embedder, resource: EmbedderResource) -> dict:
+    ident = embedder.weights
+    meta = {
+        "model": embedder.spec.name,
+        "weights": ident.name,
+        "weights sha256": ident.sha256,
+        "weights source": ident.source,
+        "random weights": ident.random,
+        "tiny model": resource.tiny,
+        "embedding dim": int(embedder.embedding_dim),
+    }
+    if ident.random or resource.tiny:
+        meta["WARNING"] = dg.MetadataValue.md(
+            f"**{geoparquet.RANDOM_WEIGHTS_WARNING if ident.random else 'TINY MODEL'}**: "
+            f"random weights = {ident.random}, tiny architecture = {resource.tiny}. "
+            "These vectors demonstrate the pipeline; they carry no meaning."
+        )
+    return meta
+
+
+def preview(path, rows: int = 5) -> str:
+    pf = pq.ParquetFile(path)
+    if pf.metadata.num_rows == 0:
+        return "_(no rows)_"
+    batch = next(pf.iter_batches(batch_size=rows, columns=PREVIEW_COLUMNS))
+    return presentation.markdown_table(batch.to_pandas(), limit=rows)
+
+
+def build_embeddings_asset(model: str) -> dg.AssetsDefinition:
+    spec = MODEL_SPECS[model]
+    resource_key = keys.embedder_resource_key(model)
+
+    @dg.asset(
+        key=keys.embeddings_key(model),
+        group_name="embeddings",
+        kinds={"pytorch", "geoparquet"},
+        description=f"{spec.description} One Table 2 GeoParquet file per grid row.",
+        partitions_def=GRID_ROWS,
+        deps=[keys.core_shards_key(spec.source), keys.fragments_key(spec.fragment_size)],
+        # A model's resource key differs per asset, so all resources come by key here (Dagster does
+        # not allow mixing keyed and typed-parameter resources on one asset).
+        required_resource_keys={"storage", "collections", resource_key},
+        pool=GPU_POOL,
+        backfill_policy=ROW_BACKFILL,
+        op_tags=gpu_step_tags(),
+        metadata={"model": model, "source": spec.source, "fragment size": spec.fragment_size},
+    )
+    def _embeddings(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        storage: StorageResource = context.resources.storage
+        collections: CollectionsResource = context.resources.collections
+        resource: EmbedderResource = getattr(context.resources, resource_key)
+        embedder = resource.embedder
+        config = resource.compute.engine_config()
+        layout = storage.layout
+        identity = weights_metadata(embedder, resource)
+        source_url = collections.url(spec.source)
+        for row_key in context.partition_keys:
+            shard_dir = layout.shard_dir(spec.source, row_key)
+            meta_path = shard_dir / "metadata.parquet"
+            if not meta_path.exists():
+                raise dg.Failure(
+                    f"row {row_key}: no local {spec.source} shard at {shard_dir}; materialise "
+                    f"{keys.core_shards_key(spec.source).to_user_string()} for this row first",
+                    allow_retries=False,
+                )
+            samples = pd.read_parquet(meta_path)
+            out_path = layout.embeddings_file(model, row_key)
+            stats = embed_to_file(
+                CoreCollection(str(shard_dir)), samples, embedder, config, out_path, source_url
+            )
+            write_failures(layout.failures_file(model, row_key), stats.failures)
+            skipped = [
+                {"product_id": f.product_id, "grid_cell": f.grid_cell, "reason": f.reason}
+                for f in stats.failures
+            ]
+            if len(samples) and stats.samples == 0:
+                raise dg.Failure(
+                    f"row {row_key}: every one of the {len(samples)} {spec.source} samples failed; "
+                    f"first: {skipped[0]['reason'] if skipped else 'unknown'}"
+                )
+            context.add_asset_metadata(
+                {
+                    "row": row_key,
+                    **identity,
+                    "device": str(stats.device),
+                    "batch size": int(stats.batch_size),
+                    "samples": int(stats.samples),
+                    "fragments": int(stats.fragments),
+                    "samples skipped": len(skipped),
+                    "skipped samples": dg.MetadataValue.md(presentation.skipped_table(skipped)),
+                    "seconds": round(float(stats.seconds), 3),
+                    "cells/s": round(float(stats.cells_per_s), 3),
+                    "preview": dg.MetadataValue.md(preview(out_path)),
+                    **presentation.file_metadata(out_path),
+                },
+                partition_key=row_key,
+            )
+            context.log.info(
+                f"{model} row {row_key}: {stats.samples} samples, {stats.fragments} fragments, "
+                f"{len(skipped)} skipped, {stats.cells_per_s:.2f} cells/s on {stats.device}"
+            )
+        return dg.MaterializeResult()
+
+    return _embeddings
+
+
+embeddings_assets = [build_embeddings_asset(model) for model in load_settings().models]

@@ -1,0 +1,281 @@
+"""Typed settings and the resources every asset receives.
+
+One `MajorTomSettings` object is read from the environment once and validated at the edge; it
+picks a resource set by `MAJORTOM_ENV`:
+
+- ``local`` (default): the synthetic collections under `$MAJORTOM_HOME/collections`, CPU, random
+  weights and `tiny` model configurations (no downloads, minutes on a laptop);
+- ``prod``: the Major TOM Core collections on the Hugging Face hub, GPU when present, pretrained
+  weights, full-size models.
+
+The same asset code runs in both; only the resources differ. Each field can be overridden by its
+own variable (see `_ENV`). Models are loaded once per process in `setup_for_execution`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import dagster as dg
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+
+from majortom_assets.defs import keys
+from majortom_assets.defs.storage import StorageLayout
+from majortom_assets.models.spec import MODEL_SPECS
+
+Environment = Literal["local", "prod"]
+
+_ENV = {
+    "environment": "MAJORTOM_ENV",
+    "home": "MAJORTOM_HOME",
+    "models": "MAJORTOM_MODELS",
+    "device": "MAJORTOM_DEVICE",
+    "precision": "MAJORTOM_PRECISION",
+    "batch_size": "MAJORTOM_BATCH_SIZE",
+    "weights": "MAJORTOM_WEIGHTS",
+    "tiny": "MAJORTOM_TINY",
+    "image_size": "MAJORTOM_IMAGE_SIZE",
+}
+_COLLECTION_ENV = "MAJORTOM_COLLECTION_{source}"  # e.g. MAJORTOM_COLLECTION_S2L1C=hf://datasets/...
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    "local": {
+        "collections": {s: f"collections/Core-{s}" for s in keys.SOURCES},
+        "device": "cpu",
+        "precision": "fp32",
+        "batch_size": 16,
+        "weights": "random",
+        "tiny": True,
+    },
+    "prod": {
+        "collections": {s: f"hf://datasets/Major-TOM/Core-{s}" for s in keys.SOURCES},
+        "device": "auto",
+        "precision": "auto",
+        "batch_size": 64,
+        "weights": "pretrained",
+        "tiny": False,
+    },
+}
+
+
+class MajorTomSettings(BaseModel):
+    """Everything that differs between a laptop demo and a production deployment."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    environment: Environment = "local"
+    home: Path = Path("data")
+    models: tuple[str, ...] = tuple(MODEL_SPECS)
+    collections: dict[str, str] = Field(default_factory=lambda: dict(_PRESETS["local"]["collections"]))
+    device: str = "cpu"
+    precision: str = "fp32"
+    batch_size: int = Field(default=16, ge=1, le=4096)
+    weights: str = "random"
+    tiny: bool = True
+    image_size: int = Field(default=1068, ge=1)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _known_models(cls, value: Any) -> Any:
+        names = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
+        names = [n for n in names if n]
+        unknown = [n for n in names if n not in MODEL_SPECS]
+        if unknown or not names:
+            raise ValueError(f"unknown or empty model list {names}; known models: {', '.join(MODEL_SPECS)}")
+        return tuple(dict.fromkeys(names))
+
+    @field_validator("collections")
+    @classmethod
+    def _known_sources(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - set(keys.SOURCES))
+        if unknown:
+            raise ValueError(f"unknown collection source(s) {unknown}; known: {', '.join(keys.SOURCES)}")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value not in ("auto", "cpu") and not (value == "cuda" or value.startswith("cuda:")):
+            raise ValueError(f"device {value!r} must be auto, cpu, cuda or cuda:N")
+        return value
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> MajorTomSettings:
+        """Preset of `MAJORTOM_ENV`, then per-field overrides; errors name the variable to fix."""
+        env = os.environ if environ is None else environ
+        environment = env.get(_ENV["environment"], "local").strip().lower() or "local"
+        if environment not in _PRESETS:
+            raise ValueError(f"{_ENV['environment']}={environment!r}: use one of {', '.join(_PRESETS)}")
+        raw: dict[str, Any] = {**_PRESETS[environment], "environment": environment}
+        raw["collections"] = dict(raw["collections"])
+        for field, var in _ENV.items():
+            if field != "environment" and env.get(var, "").strip():
+                raw[field] = env[var].strip()
+        for source in keys.SOURCES:
+            override = env.get(_COLLECTION_ENV.format(source=source), "").strip()
+            if override:
+                raw["collections"][source] = override
+        try:
+            return cls(**raw)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{_ENV.get(str(e['loc'][0]), e['loc'][0])}: {e['msg']}" for e in exc.errors()
+            )
+            raise ValueError(f"invalid majortom settings: {problems}") from None
+
+
+@functools.cache
+def load_settings() -> MajorTomSettings:
+    """Settings of this process (read once; tests build their own with `from_env`)."""
+    return MajorTomSettings.from_env()
+
+
+# --- resources ----------------------------------------------------------------------------
+
+
+class StorageResource(dg.ConfigurableResource):
+    """The storage root (`$MAJORTOM_HOME`) and its layout; every path stays inside it."""
+
+    home: str = Field(description="Storage root; relative paths resolve against the working directory.")
+
+    @property
+    def layout(self) -> StorageLayout:
+        # Inside a run Dagster has resolved EnvVar already; outside (demo, tests) resolve it here.
+        home = self.home.get_value() if isinstance(self.home, dg.EnvVar) else self.home
+        if not home:
+            raise dg.Failure("the storage root is empty: set MAJORTOM_HOME or the storage resource's home")
+        return StorageLayout.at(home)
+
+
+class CollectionsResource(dg.ConfigurableResource):
+    """Where each Core collection lives: a folder, an fsspec URL or `hf://datasets/Major-TOM/...`."""
+
+    storage: StorageResource
+    urls: dict[str, str] = Field(
+        description="source (S2L1C, S2L2A, S1RTC) -> URL; relative paths resolve under the storage root."
+    )
+
+    def url(self, source: str) -> str:
+        if source not in self.urls:
+            raise dg.Failure(
+                f"no collection configured for source {source!r}; configured: {sorted(self.urls)}"
+            )
+        url = self.urls[source]
+        if "://" in url or Path(url).is_absolute():
+            return url
+        return str(self.storage.layout.inside(url))
+
+    def open(self, source: str):
+        from majortom_assets.core import CoreCollection
+
+        return CoreCollection(self.url(source))
+
+
+class ComputeResource(dg.ConfigurableResource):
+    """Device and batching for inference; the asset never picks `cuda` itself."""
+
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
+    precision: str = Field(default="auto", description="auto | fp32 | fp16 | bf16")
+    batch_size: int = Field(default=64, ge=1)
+    decode_workers: int = Field(default=2, ge=1)
+    prefetch_samples: int = Field(default=4, ge=1)
+    image_size: int = Field(default=1068, ge=1, description="10 m side of the samples (Core: 1068)")
+
+    def engine_config(self):
+        from majortom_assets.engine import EngineConfig
+
+        return EngineConfig(
+            device=self.device,
+            precision=self.precision,
+            batch_size=self.batch_size,
+            decode_workers=self.decode_workers,
+            prefetch_samples=self.prefetch_samples,
+            image_size=self.image_size,
+        )
+
+
+class EmbedderResource(dg.ConfigurableResource):
+    """One embedding model, built once per process when a step that needs it starts."""
+
+    model: str = Field(description="Model name from the registry, e.g. ssl4eo-s2")
+    weights: str = Field(default="pretrained", description="pretrained | random | path to a weights file")
+    tiny: bool = Field(
+        default=False, description="Small configuration of the same architecture (demos, tests)"
+    )
+    seed: int = 0
+    reference_compatible: bool = False
+    compute: ComputeResource
+
+    _embedder: Any = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        from majortom_assets.models import load_embedder
+
+        if self.model not in MODEL_SPECS:
+            raise dg.Failure(f"unknown model {self.model!r}; known: {', '.join(MODEL_SPECS)}")
+        self._embedder = load_embedder(
+            self.model,
+            weights=self.weights,
+            tiny=self.tiny,
+            seed=self.seed,
+            reference_compatible=self.reference_compatible,
+        )
+        if context.log is not None:
+            ident = self._embedder.weights
+            context.log.info(
+                f"loaded {self.model} (weights {ident.name}, sha256 {ident.sha256[:12]}, "
+                f"random={ident.random}, tiny={self.tiny})"
+            )
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        self._embedder = None
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:  # pragma: no cover - torch is a hard dependency
+            pass
+
+    @property
+    def embedder(self):
+        if self._embedder is None:
+            raise dg.Failure(f"embedder {self.model} was used outside a step (setup_for_execution not run)")
+        return self._embedder
+
+
+def build_resources(settings: MajorTomSettings | None = None) -> dict[str, Any]:
+    """The resource set of an environment: storage, collections, compute and one embedder per model."""
+    settings = settings or load_settings()
+    # Reading MAJORTOM_HOME through EnvVar lets the UI show where the root comes from.
+    home: Any = (
+        dg.EnvVar(_ENV["home"])
+        if os.environ.get(_ENV["home"], "").strip()
+        else str(settings.home.expanduser().resolve())
+    )
+    storage = StorageResource(home=home)
+    compute = ComputeResource(
+        device=settings.device,
+        precision=settings.precision,
+        batch_size=settings.batch_size,
+        image_size=settings.image_size,
+    )
+    resources: dict[str, Any] = {
+        "storage": storage,
+        "collections": CollectionsResource(storage=storage, urls=dict(settings.collections)),
+        "compute": compute,
+    }
+    for model in settings.models:
+        resources[keys.embedder_resource_key(model)] = EmbedderResource(
+            model=model, weights=settings.weights, tiny=settings.tiny, compute=compute
+        )
+    return resources
+
+
+@dg.definitions
+def resources() -> dg.Definitions:
+    return dg.Definitions(resources=build_resources())

@@ -1,0 +1,231 @@
+"""Core collections: the filtered metadata selection, and each grid row's samples copied locally.
+
+A row's local copy is itself a small Core collection (`metadata.parquet` + `images/*.parquet`,
+one sample per row group), so every later stage reads it with `core.CoreCollection` exactly as
+it would read the hub: the same code path for a laptop and for production.
+"""
+
+import hashlib
+import time
+from datetime import datetime
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import ValidationError
+
+from majortom_assets import grid
+from majortom_assets.core import CoreCollection, MetadataFilter, SampleError
+from majortom_assets.defs import keys, presentation
+from majortom_assets.defs.partitions import GRID_ROWS, ROW_BACKFILL
+from majortom_assets.defs.resources import CollectionsResource, StorageResource, load_settings
+from majortom_assets.deployment import io_step_tags
+from majortom_assets.geoparquet import atomic_output
+
+#: Steps that read remote shards retry transient network failures with growing, jittered delays.
+NETWORK_RETRY = dg.RetryPolicy(
+    max_retries=3, delay=2.0, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
+)
+
+
+class CoreSelectionConfig(dg.Config):
+    """Which samples of the collection to take (all criteria must hold; empty = everything)."""
+
+    rows: list[str] | None = None
+    cells: list[str] | None = None
+    bbox: list[float] | None = None  # [min_lon, min_lat, max_lon, max_lat]; min_lon > max_lon crosses 180
+    start: str | None = None  # ISO date or datetime, inclusive, UTC if naive
+    end: str | None = None
+    max_cloud_cover: float | None = None  # percent
+    max_nodata: float | None = None  # fraction
+    limit: int | None = None
+
+    def to_filter(self) -> MetadataFilter:
+        try:
+            return MetadataFilter(
+                rows=self.rows,
+                cells=self.cells,
+                bbox=tuple(self.bbox) if self.bbox is not None else None,
+                start=datetime.fromisoformat(self.start) if self.start else None,
+                end=datetime.fromisoformat(self.end) if self.end else None,
+                max_cloud_cover=self.max_cloud_cover,
+                max_nodata=self.max_nodata,
+                limit=self.limit,
+            )
+        except (ValidationError, ValueError) as exc:
+            raise dg.Failure(f"invalid core selection config: {exc}", allow_retries=False) from None
+
+
+def read_selection(storage: StorageResource, source: str) -> pd.DataFrame:
+    path = storage.layout.selection_file(source)
+    if not path.exists():
+        raise dg.Failure(
+            f"no metadata selection for {source} at {path}; materialise {keys.core_metadata_key(source).to_user_string()} first",
+            allow_retries=False,
+        )
+    return pd.read_parquet(path)
+
+
+def copy_row_samples(
+    collection: CoreCollection, rows: pd.DataFrame, out_dir: Path
+) -> tuple[pd.DataFrame, list[dict]]:
+    """Copy each sample's row group into `out_dir` as a small Core collection.
+
+    The metadata file is the commit point: the samples file is named by its content, written
+    first, and only then referenced; stale sample files are removed afterwards. A sample that
+    cannot be read is skipped and reported, never fatal to the others.
+    """
+    skipped: list[dict] = []
+    kept: list[int] = []
+    schema: pa.Schema | None = None
+    images = out_dir / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    tmp_images = images / f".samples-{time.time_ns()}.tmp.parquet"
+    writer = None
+    try:
+        for i, row in enumerate(rows.itertuples(index=False)):
+            try:
+                if schema is None:
+                    with collection.fs.open(collection.shard_path(row.parquet_url), "rb") as fh:
+                        schema = pq.read_schema(fh).remove_metadata()
+                    writer = pq.ParquetWriter(tmp_images, schema, compression="zstd")
+                raw = collection.read_raw(
+                    row.parquet_url,
+                    row.parquet_row,
+                    schema.names,
+                    product_id=row.product_id,
+                    grid_cell=row.grid_cell,
+                )
+                if raw.get("product_id") != row.product_id or raw.get("grid_cell") != row.grid_cell:
+                    raise SampleError(
+                        f"row group holds {raw.get('product_id')} / {raw.get('grid_cell')}, not the metadata's sample",
+                        product_id=row.product_id,
+                        grid_cell=row.grid_cell,
+                    )
+                writer.write_table(pa.Table.from_pylist([raw], schema=schema))
+                digest.update(
+                    f"{row.product_id}/{row.grid_cell}/{row.parquet_url}/{row.parquet_row}".encode()
+                )
+                kept.append(i)
+            except (SampleError, OSError, ValueError) as exc:
+                skipped.append({"product_id": row.product_id, "grid_cell": row.grid_cell, "reason": str(exc)})
+    finally:
+        if writer is not None:
+            writer.close()
+    local = rows.iloc[kept].reset_index(drop=True).copy()
+    name = f"images/samples-{digest.hexdigest()[:16]}.parquet"
+    if kept:
+        tmp_images.replace(out_dir / name)
+    else:
+        tmp_images.unlink(missing_ok=True)
+    local["parquet_url"] = name
+    local["parquet_row"] = range(len(local))
+    with atomic_output(out_dir / "metadata.parquet") as tmp:
+        local.to_parquet(tmp, index=False)
+    for stale in images.glob("samples-*.parquet"):
+        if stale.name != Path(name).name:
+            stale.unlink(missing_ok=True)
+    return local, skipped
+
+
+def build_core_metadata_asset(source: str) -> dg.AssetsDefinition:
+    @dg.asset(
+        key=keys.core_metadata_key(source),
+        group_name="core",
+        kinds={"parquet"},
+        description=f"Filtered metadata selection of the Core-{source} collection (which samples to process).",
+        op_tags=io_step_tags(),
+        retry_policy=NETWORK_RETRY,
+    )
+    def _metadata(
+        context: dg.AssetExecutionContext,
+        config: CoreSelectionConfig,
+        storage: StorageResource,
+        collections: CollectionsResource,
+    ) -> dg.MaterializeResult:
+        url = collections.url(source)
+        flt = config.to_filter()
+        try:
+            frame = collections.open(source).metadata(flt)
+        except (FileNotFoundError, ValueError) as exc:
+            raise dg.Failure(
+                f"Core-{source} at {url}: {exc}", allow_retries=isinstance(exc, FileNotFoundError)
+            ) from None
+        path = storage.layout.selection_file(source)
+        with atomic_output(path) as tmp:
+            frame.to_parquet(tmp, index=False)
+        per_row = frame.groupby("grid_row_u").size() if len(frame) else pd.Series(dtype=int)
+        row_table = pd.DataFrame(
+            {"row": [grid.row_name(int(r)) for r in per_row.index], "samples": per_row.to_numpy()}
+        )
+        return dg.MaterializeResult(
+            metadata={
+                "collection": dg.MetadataValue.url(url) if "://" in url else dg.MetadataValue.path(url),
+                "filter": dg.MetadataValue.json(flt.model_dump(mode="json", exclude_none=True)),
+                "samples": len(frame),
+                "rows": len(row_table),
+                "samples per row": dg.MetadataValue.md(presentation.markdown_table(row_table, limit=50)),
+                "preview": dg.MetadataValue.md(presentation.markdown_table(frame, limit=5)),
+                **presentation.file_metadata(path),
+            }
+        )
+
+    return _metadata
+
+
+def build_core_shards_asset(source: str) -> dg.AssetsDefinition:
+    @dg.asset(
+        key=keys.core_shards_key(source),
+        group_name="core",
+        kinds={"parquet"},
+        description=f"Core-{source} samples of one grid row, copied by row group into a local Core collection.",
+        partitions_def=GRID_ROWS,
+        deps=[keys.core_metadata_key(source)],
+        backfill_policy=ROW_BACKFILL,
+        retry_policy=NETWORK_RETRY,
+        op_tags=io_step_tags(),
+    )
+    def _shards(
+        context: dg.AssetExecutionContext, storage: StorageResource, collections: CollectionsResource
+    ) -> dg.MaterializeResult:
+        layout = storage.layout
+        selection = read_selection(storage, source)
+        collection = collections.open(source)
+        totals = {"samples": 0, "skipped": 0}
+        for row_key in context.partition_keys:
+            out_dir = layout.shard_dir(source, row_key)
+            rows = selection[selection["grid_row_u"] == grid.parse_row_name(row_key)]
+            started = time.perf_counter()
+            local, skipped = copy_row_samples(collection, rows, out_dir)
+            if len(rows) and not len(local):
+                raise dg.Failure(
+                    f"row {row_key}: none of the {len(rows)} Core-{source} samples could be read; "
+                    f"first error: {skipped[0]['reason']}",
+                )
+            totals["samples"] += len(local)
+            totals["skipped"] += len(skipped)
+            context.add_asset_metadata(
+                {
+                    "row": row_key,
+                    "samples": len(local),
+                    "cells": int(local["grid_cell"].nunique()) if len(local) else 0,
+                    "samples skipped": len(skipped),
+                    "skipped samples": dg.MetadataValue.md(presentation.skipped_table(skipped)),
+                    "seconds": round(time.perf_counter() - started, 3),
+                    "preview": dg.MetadataValue.md(presentation.markdown_table(local, limit=5)),
+                    **presentation.file_metadata(out_dir),
+                },
+                partition_key=row_key,
+            )
+            context.log.info(f"{source} row {row_key}: {len(local)} samples copied, {len(skipped)} skipped")
+        return dg.MaterializeResult()
+
+    return _shards
+
+
+SOURCES_IN_USE = keys.sources_for_models(load_settings().models)
+core_metadata_assets = [build_core_metadata_asset(source) for source in SOURCES_IN_USE]
+core_shards_assets = [build_core_shards_asset(source) for source in SOURCES_IN_USE]

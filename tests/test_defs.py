@@ -1,0 +1,232 @@
+"""The Dagster layer loads, names what it promises, validates its inputs, and automates correctly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+import pytest
+
+from majortom_assets import grid
+from majortom_assets.defs import keys
+from majortom_assets.defs.partitions import GRID_ROWS, new_row_keys, register_rows, row_sample_counts
+from majortom_assets.defs.resources import MajorTomSettings, build_resources
+from majortom_assets.defs.schedules import missing_row_requests
+from majortom_assets.defs.sensors import evaluate_new_samples
+from majortom_assets.defs.storage import StorageLayout, StoragePathError, validate_row_key
+from majortom_assets.models.spec import MODEL_SPECS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def definitions() -> dg.Definitions:
+    from majortom_assets.definitions import defs
+
+    return defs()
+
+
+def test_definitions_load_with_every_asset_check_and_automation(definitions):
+    graph = definitions.resolve_asset_graph()
+    names = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    expected = {f"core/{s.lower()}/{kind}" for s in keys.SOURCES for kind in ("metadata", "shards")}
+    expected |= {f"fragments/grid_{size}px" for size in {s.fragment_size for s in MODEL_SPECS.values()}}
+    for model in MODEL_SPECS:
+        slug = model.replace("-", "_")
+        expected |= {
+            f"embeddings/{slug}",
+            f"maps/{slug}/pca",
+            f"vectors/{slug}/index",
+            f"vectors/{slug}/float16",
+            f"vectors/{slug}/int8",
+            f"vectors/{slug}/evaluation",
+        }
+    assert expected <= names, expected - names
+
+    checks = {(c.asset_key.to_user_string(), c.name) for c in graph.asset_check_keys}
+    for model in MODEL_SPECS:
+        for name in (
+            "table2_schema",
+            "fragments_per_cell",
+            "finite_embeddings",
+            "unique_ids",
+            "inside_grid_cell",
+        ):
+            assert (f"embeddings/{model.replace('-', '_')}", name) in checks
+
+    assert {s.name for s in definitions.schedules} == {"missing_rows_nightly"}
+    assert {s.name for s in definitions.sensors} == {"new_core_samples"}
+    assert {f"embedder_{m.replace('-', '_')}" for m in MODEL_SPECS} <= set(definitions.resources)
+
+
+def test_row_assets_share_the_grid_row_partitions_and_embeddings_use_the_gpu_pool(definitions):
+    graph = definitions.resolve_asset_graph()
+    for model, spec in MODEL_SPECS.items():
+        node = graph.get(keys.embeddings_key(model))
+        assert node.partitions_def == GRID_ROWS
+        assert node.pools == {"gpu"}
+        assert node.backfill_policy is not None and node.backfill_policy.max_partitions_per_run > 1
+        assert keys.core_shards_key(spec.source) in node.parent_keys
+        assert keys.fragments_key(spec.fragment_size) in node.parent_keys
+        pca = graph.get(keys.pca_map_key(model))
+        assert pca.partitions_def is None and keys.embeddings_key(model) in pca.parent_keys
+    shards = definitions.resolve_assets_def(keys.core_shards_key("S2L1C"))
+    policy = shards.op.retry_policy
+    assert policy.max_retries >= 1 and policy.backoff is not None and policy.jitter is not None
+
+
+def test_dagster_yaml_caps_the_gpu_pool_and_turns_telemetry_off(tmp_path, monkeypatch):
+    from majortom_assets.demo import prepare_dagster_home
+
+    prepare_dagster_home(tmp_path)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    with dg.DagsterInstance.get() as instance:
+        assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
+        assert instance.run_retries_enabled and instance.run_retries_max_retries == 2
+        assert instance.get_settings("telemetry")["enabled"] is False
+        assert Path(instance.root_directory) == tmp_path
+
+
+@pytest.mark.parametrize("bad", ["136u", "0136U", "0D", "136U/../x", "../136U", "", "12X"])
+def test_partition_keys_that_are_not_canonical_rows_never_reach_a_path(tmp_path, bad):
+    layout = StorageLayout.at(tmp_path)
+    with pytest.raises(StoragePathError):
+        layout.embeddings_file("dinov2-rgb", bad)
+
+
+def test_paths_stay_inside_the_storage_root(tmp_path):
+    layout = StorageLayout.at(tmp_path)
+    assert validate_row_key("12D") == "12D"
+    path = layout.embeddings_file("dinov2-rgb", "136U")
+    assert path == tmp_path.resolve() / "embeddings" / "dinov2-rgb" / "row=136U" / "embeddings.parquet"
+    with pytest.raises(StoragePathError):
+        layout.inside("..", "etc")
+    with pytest.raises(StoragePathError):
+        layout.map_dir("../../x")
+    with pytest.raises(StoragePathError):
+        layout.export_dir("dinov2-rgb", "int4")
+
+
+def test_settings_switch_resource_sets_by_environment(tmp_path):
+    local = MajorTomSettings.from_env({"MAJORTOM_HOME": str(tmp_path)})
+    assert local.environment == "local" and local.device == "cpu" and local.weights == "random" and local.tiny
+    assert local.collections["S2L1C"] == "collections/Core-S2L1C"
+    prod = MajorTomSettings.from_env({"MAJORTOM_ENV": "prod", "MAJORTOM_MODELS": "siglip-rgb"})
+    assert prod.collections["S2L2A"] == "hf://datasets/Major-TOM/Core-S2L2A"
+    assert (prod.device, prod.weights, prod.tiny, prod.models) == (
+        "auto",
+        "pretrained",
+        False,
+        ("siglip-rgb",),
+    )
+    resources = build_resources(local)
+    assert resources["collections"].url("S1RTC") == str(tmp_path.resolve() / "collections" / "Core-S1RTC")
+    assert resources["embedder_dinov2_rgb"].tiny and resources["embedder_dinov2_rgb"].weights == "random"
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({"MAJORTOM_ENV": "staging"}, "MAJORTOM_ENV"),
+        ({"MAJORTOM_MODELS": "resnet"}, "MAJORTOM_MODELS"),
+        ({"MAJORTOM_DEVICE": "tpu"}, "MAJORTOM_DEVICE"),
+        ({"MAJORTOM_BATCH_SIZE": "0"}, "MAJORTOM_BATCH_SIZE"),
+    ],
+)
+def test_bad_settings_name_the_variable_to_fix(env, names):
+    with pytest.raises(ValueError, match=names):
+        MajorTomSettings.from_env(env)
+
+
+def test_row_sample_counts_and_new_rows_are_validated_and_sorted():
+    meta = pd.DataFrame({"grid_row_u": [136, -12, 136, 0]})
+    assert row_sample_counts(meta) == {"12D": 1, "0U": 1, "136U": 2}
+    assert new_row_keys(["0U"], ["136U", "12D", "0U", "136U"]) == ["12D", "136U"]
+    with pytest.raises(StoragePathError):
+        new_row_keys([], ["136U/.."])
+
+
+def _metadata(path: Path, rows: list[int]) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    cells = [str(grid.cell_name(r, 5)) for r in rows]
+    pd.DataFrame(
+        {
+            "grid_cell": cells,
+            "grid_row_u": rows,
+            "grid_col_r": [5] * len(rows),
+            "product_id": [f"p{i}" for i in range(len(rows))],
+            "parquet_url": ["images/part_00000.parquet"] * len(rows),
+            "parquet_row": list(range(len(rows))),
+        }
+    ).to_parquet(path / "metadata.parquet")
+
+
+def test_sensor_adds_new_rows_as_partitions_and_requests_only_changed_rows(tmp_path):
+    settings = MajorTomSettings(home=tmp_path, models=("dinov2-rgb",))
+    collections = build_resources(settings)["collections"]
+    meta_dir = tmp_path / "collections" / "Core-S2L2A"
+    _metadata(meta_dir, [136, 136, -12])
+    with dg.instance_for_test() as instance:
+        first = evaluate_new_samples(instance, collections, None, settings.models)
+        assert first.dynamic_partitions_requests[0].partition_keys == ["12D", "136U"]
+        assert sorted(r.partition_key for r in first.run_requests) == ["12D", "136U"]
+        request = first.run_requests[0]
+        assert keys.core_metadata_key("S2L2A") in request.asset_selection
+        assert keys.embeddings_key("dinov2-rgb") in request.asset_selection
+        assert keys.embeddings_key("ssl4eo-s2") not in request.asset_selection
+        instance.add_dynamic_partitions(GRID_ROWS.name, first.dynamic_partitions_requests[0].partition_keys)
+
+        unchanged = evaluate_new_samples(instance, collections, first.cursor, settings.models)
+        assert unchanged.run_requests == [] and unchanged.dynamic_partitions_requests == []
+
+        _metadata(meta_dir, [136, 136, -12, -12, 7])  # 12D gains a sample, 7U is new
+        later = evaluate_new_samples(instance, collections, first.cursor, settings.models)
+        assert later.dynamic_partitions_requests[0].partition_keys == ["7U"]
+        assert sorted(r.partition_key for r in later.run_requests) == ["12D", "7U"]
+        assert json.loads(later.cursor)["S2L2A"]["rows"] == {"12D": 2, "136U": 2, "7U": 1}
+
+        # the decorated sensor gets the collections resource injected; absent collections are skipped
+        from majortom_assets.defs.sensors import new_core_samples
+
+        with dg.build_sensor_context(
+            instance=instance, cursor=later.cursor, resources={"collections": collections}
+        ) as ctx:
+            assert new_core_samples(ctx).run_requests == []
+
+
+def test_schedule_requests_one_run_per_row_with_only_the_missing_assets(tmp_path):
+    models = ("dinov2-rgb",)
+    with dg.instance_for_test() as instance:
+        register_rows(instance, ["12D", "136U"])
+        chain = keys.row_chain_keys("S2L2A", models)
+        for key in chain:
+            instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=key, partition="12D"))
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization(asset_key=keys.core_metadata_key("S2L2A"))
+        )
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization(asset_key=keys.core_shards_key("S2L2A"), partition="136U")
+        )
+        requests = missing_row_requests(instance, models)
+        assert [r.partition_key for r in requests] == ["136U"]
+        assert set(requests[0].asset_selection) == set(chain) - {keys.core_shards_key("S2L2A")}
+        assert requests[0].tags.get("majortom/compute") == "gpu"
+
+
+def test_dg_cli_sees_the_project():
+    import subprocess
+
+    result = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "dg"), "list", "defs", "--json"],
+        check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    listed = json.loads(result.stdout)
+    assets = {a["asset_key"] for a in listed["assets"]}
+    assert "embeddings/dinov2_rgb" in assets and "maps/siglip_rgb/pca" in assets
