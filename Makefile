@@ -9,6 +9,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[dev]'
+	# Dagster's asset-selection parser needs antlr4 4.13, while omegaconf (torchgeo -> lightly ->
+	# hydra-core, never imported by us) pins 4.9: install the runtime Dagster needs over it.
+	$(VENV)/bin/pip install -q --no-deps 'antlr4-python3-runtime==4.13.2'
 	touch $@
 
 setup: $(VENV)/.installed

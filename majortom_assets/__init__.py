@@ -13,8 +13,6 @@ import sys
 __version__ = "0.1.0"
 
 if "dagster" in sys.modules:  # loaded by a Dagster process: expose the code location
-    try:  # TODO(lead): drop this guard once definitions.py has landed
-        from majortom_assets.definitions import defs  # noqa: F401
-    except ModuleNotFoundError as exc:
-        if exc.name != "majortom_assets.definitions":
-            raise
+    import majortom_assets.defs  # the subpackage would otherwise shadow the name bound below
+
+    from majortom_assets.definitions import defs  # noqa: F401
