@@ -1,11 +1,12 @@
 """Engine throughput: non-model overhead per 13-band cell, and per-model inference cost.
 
-Run: .venv/bin/python -m benchmarks.bench_engine [--cells 8] [--models ssl4eo-s2 ssl4eo-s1 dinov2-rgb siglip-rgb]
+Run: .venv/bin/python -m benchmarks.bench_engine [--cells 8] [--rasterio] [--models ssl4eo-s2 ...]
+(`--models` with no names skips part 2.)
 
 Part 1 embeds a synthetic S2L1C collection (1068 px, 13 bands) with a trivial model (per-channel
-mean times a fixed matrix, 2048-d output), so what is timed is decode + invalid-value check +
-fragment gather + normalise + footprints + unique ids + GeoParquet write; each stage is also timed
-alone. Part 2 times full-size models with random weights on random raw fragments (preprocess +
+mean times a fixed matrix, 2048-d output), so what is timed is read + decode + invalid-value check +
+fragment gather + normalise + footprints + unique ids + GeoParquet write, end to end with 1 and 2
+decode workers and each stage alone (thread CPU time and wall time per cell). Part 2 times full-size models with random weights on random raw fragments (preprocess +
 forward), one warm-up batch and `--repeats` timed batches, and derives cells/s.
 """
 
@@ -21,9 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from majortom_assets import geoparquet, synthetic
-from majortom_assets.core import CoreCollection
-from majortom_assets.engine import EngineConfig, embed_to_file
+from majortom_assets import core, geoparquet, synthetic
+from majortom_assets.core import CoreCollection, _zero_copy_values, decode_bands
+from majortom_assets.engine import CORE_IMAGE_SIZE, EngineConfig, _Run, embed_to_file
 from majortom_assets.fragment import fragment_layout, gather_fragments
 from majortom_assets.models import Embedder, find_invalid_values, get_spec, load_embedder
 from majortom_assets.models.base import BuiltModel, identity_for
@@ -49,49 +50,71 @@ def trivial_embedder(name: str = "ssl4eo-s2", dim: int = 2048) -> Embedder:
     return Embedder(spec, BuiltModel(module=module, weights=identity, embedding_dim=dim))
 
 
-def per_stage(collection: CoreCollection, metadata, embedder: Embedder) -> dict[str, float]:
-    """Seconds per cell of each stage, run serially in this thread."""
+def _clock() -> tuple[float, float]:
+    return time.thread_time(), time.perf_counter()
+
+
+def per_stage(collection: CoreCollection, metadata, embedder: Embedder, repeats: int) -> dict[str, tuple[float, float]]:
+    """(CPU s, wall s) per cell of each stage, run serially in this thread as the engine runs them.
+
+    CPU is this thread's CPU time (`time.thread_time`, torch limited to one thread), which a
+    loaded machine inflates far less than the wall time. "gather uint16" is what a CUDA run does on the host instead of
+    "gather + normalise" (it normalises on the device).
+    """
     spec = embedder.spec
-    totals = dict.fromkeys(["read+decode (1 thread)", "invalid-value check", "gather fragments",
-                            "normalise", "sample_table (footprints+ids)"], 0.0)
-    tables = []
-    buffer: np.ndarray | None = None  # reused like the engine's buffer pool
-    for row in metadata.to_dict("records"):
-        t = time.perf_counter()
-        sample = collection.read_sample(row, spec.bands, max_workers=1)
-        totals["read+decode (1 thread)"] += time.perf_counter() - t
-        t = time.perf_counter()
-        find_invalid_values(sample.pixels, spec.normalisation, spec.bands)
-        totals["invalid-value check"] += time.perf_counter() - t
-        t = time.perf_counter()
-        layout = fragment_layout(*sample.pixels.shape[-2:], spec.fragment_size, spec.target_overlap)
-        shape = (layout.count, sample.pixels.shape[0], spec.fragment_size, spec.fragment_size)
-        if buffer is None or buffer.shape != shape:
-            buffer = np.empty(shape, np.float32)
-        fragments = gather_fragments(sample.pixels, layout, out=buffer)  # + uint16 -> float32, as the engine
-        totals["gather fragments"] += time.perf_counter() - t
-        t = time.perf_counter()
-        x = embedder.preprocess(torch.from_numpy(fragments), inplace=True)
-        totals["normalise"] += time.perf_counter() - t
-        with torch.inference_mode():
-            emb = embedder(x).numpy()
-        t = time.perf_counter()
-        tables.append(geoparquet.sample_table(emb, grid_cell=sample.grid_cell, product_id=sample.product_id,
-                                              timestamp=sample.timestamp, crs=sample.crs,
-                                              transform=sample.transform, boxes=layout.boxes))
-        totals["sample_table (footprints+ids)"] += time.perf_counter() - t
+    run = _Run(collection, embedder, EngineConfig(device="cpu", decode_workers=1))
+    names = ["read row group", "decode 13 GeoTIFFs + upsample", "invalid-value check",
+             "gather + normalise (CPU path)", "gather uint16 (CUDA path, normalise on GPU)",
+             "sample_table (footprints + unique ids)", "write GeoParquet"]
+    cpu, wall = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
+    rows = metadata.to_dict("records")
+    layout = fragment_layout(CORE_IMAGE_SIZE, CORE_IMAGE_SIZE, spec.fragment_size, spec.target_overlap)
+    shape = (layout.count, len(spec.bands), spec.fragment_size, spec.fragment_size)
+    buffer = torch.empty(shape, dtype=torch.float32)   # reused, like the engine's buffer pool
+    raw_buffer = np.empty(shape, np.uint16)
     info = geoparquet.EmbeddingFileInfo(model=spec.name, weights="channel-mean", random_weights=True,
                                         embedding_dim=embedder.embedding_dim, fragment_size=spec.fragment_size,
                                         target_overlap=spec.target_overlap, source_collection="bench")
-    with tempfile.TemporaryDirectory() as tmp:
-        t = time.perf_counter()
-        geoparquet.write_embeddings(Path(tmp) / "e.parquet", tables, info)
-        totals["write GeoParquet"] = time.perf_counter() - t
-    n = len(metadata)
-    return {k: v / n for k, v in totals.items()}
+
+    def stage(name: str, start: tuple[float, float]) -> tuple[float, float]:
+        now = _clock()
+        cpu[name] += now[0] - start[0]
+        wall[name] += now[1] - start[1]
+        return now
+
+    for _ in range(repeats):
+        tables = []
+        for row in rows:
+            t = _clock()
+            table = collection._read_row_group(row["parquet_url"], row["parquet_row"],
+                                               ["product_id", "grid_cell", *spec.bands], None, None)
+            raw = _zero_copy_values(table)
+            t = stage("read row group", t)
+            pixels, crs, transform = decode_bands(raw, spec.bands, CORE_IMAGE_SIZE, product_id=row["product_id"],
+                                                  grid_cell=row["grid_cell"], max_workers=1)
+            t = stage("decode 13 GeoTIFFs + upsample", t)
+            find_invalid_values(pixels, spec.normalisation, spec.bands)
+            t = stage("invalid-value check", t)
+            run._gather_normalised(pixels, layout, buffer)
+            t = stage("gather + normalise (CPU path)", t)
+            gather_fragments(pixels, layout, out=raw_buffer)
+            stage("gather uint16 (CUDA path, normalise on GPU)", t)
+            with torch.inference_mode():
+                emb = embedder(buffer).numpy()
+            t = _clock()
+            tables.append(geoparquet.sample_table(emb, grid_cell=row["grid_cell"], product_id=row["product_id"],
+                                                  timestamp=row["timestamp"], crs=crs, transform=transform,
+                                                  boxes=layout.boxes))
+            stage("sample_table (footprints + unique ids)", t)
+        with tempfile.TemporaryDirectory() as tmp:
+            t = _clock()
+            geoparquet.write_embeddings(Path(tmp) / "e.parquet", tables, info)
+            stage("write GeoParquet", t)
+    n = len(rows) * repeats
+    return {k: (cpu[k] / n, wall[k] / n) for k in names}
 
 
-def overhead(cells: int, workdir: Path) -> None:
+def overhead(cells: int, workdir: Path, repeats: int) -> None:
     collection_dir = workdir / "Core-S2L1C"
     if not (collection_dir / "metadata.parquet").exists():
         print(f"generating {cells} synthetic S2L1C cells ...", flush=True)
@@ -100,19 +123,36 @@ def overhead(cells: int, workdir: Path) -> None:
     collection = CoreCollection(str(collection_dir))
     metadata = collection.metadata().iloc[:cells]
     embedder = trivial_embedder()
-    print(f"\n## Non-model overhead, {len(metadata)} S2L1C cells (13 bands, 1068 px, 25 x 224 px fragments)")
+    decoder = "direct (imagecodecs)" if core._DIRECT_DECODE and core._imagecodecs is not None else (
+        "direct (uncompressed only; rasterio for DEFLATE)" if core._DIRECT_DECODE else "rasterio")
+    print(f"\n## Non-model overhead, {len(metadata)} S2L1C cells (13 bands, 1068 px, 25 x 224 px fragments), "
+          f"decoder: {decoder}")
+    print("\nEnd to end (`embed_to_file`, trivial model, CPU device, batch 64, prefetch 4); CPU = process "
+          "CPU time of all threads, model included (~2 ms/cell)\n")
+    print("| decode_workers | CPU s/cell | wall s/cell | cells/s (wall) |\n|---|---|---|---|")
     for workers in (1, 2):
         config = EngineConfig(device="cpu", batch_size=64, decode_workers=workers, prefetch_samples=4)
         embed_to_file(collection, metadata.iloc[:1], embedder, config, workdir / "warm.parquet")
+        cpu0 = time.process_time()
         stats = embed_to_file(collection, metadata, embedder, config, workdir / "out.parquet")
-        print(f"embed_to_file, decode_workers={workers}: {stats.seconds / stats.samples:.3f} s/cell "
-              f"({stats.cells_per_s:.2f} cells/s, {stats.fragments} fragments, {len(stats.failures)} failures)")
-    print("\n| stage (serial, one thread) | s/cell |\n|---|---|")
-    stages = per_stage(collection, metadata, embedder)
-    for stage, seconds in stages.items():
-        print(f"| {stage} | {seconds:.4f} |")
-    print(f"| **sum** | {sum(stages.values()):.4f} |")
-    print(f"| sum without read+decode | {sum(v for k, v in stages.items() if not k.startswith('read')):.4f} |")
+        cpu_per_cell = (time.process_time() - cpu0) / stats.samples
+        print(f"| {workers} | {cpu_per_cell:.4f} | {stats.seconds / stats.samples:.4f} | {stats.cells_per_s:.2f} |")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # thread_time must see all of the normalise's CPU time
+    try:
+        per_stage(collection, metadata.iloc[:1], embedder, 1)   # warm-up
+        stages = per_stage(collection, metadata, embedder, repeats)
+    finally:
+        torch.set_num_threads(threads)
+    print(f"\nEach stage alone, serial in one thread, mean of {repeats} x {len(metadata)} cells\n")
+    print("| stage | CPU s/cell | wall s/cell |\n|---|---|---|")
+    for stage, (c, w) in stages.items():
+        print(f"| {stage} | {c:.4f} | {w:.4f} |")
+    for label, skip in (("CPU path", "gather uint16"), ("CUDA path", "gather + normalise")):
+        chosen = [v for k, v in stages.items() if not k.startswith(skip)]
+        print(f"| **total non-model, {label}** | **{sum(c for c, _ in chosen):.4f}** | "
+              f"{sum(w for _, w in chosen):.4f} |")
+    print(f"\nload average after the run: {os.getloadavg()}")
 
 
 def time_model(name: str, repeats: int, batch: int) -> tuple[Embedder, float, float]:
@@ -163,11 +203,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "majortom_bench_engine")
     parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument("--stage-repeats", type=int, default=3, help="passes over the cells for the stage table")
+    parser.add_argument("--rasterio", action="store_true",
+                        help="decode every band with rasterio (the decoder before the direct path)")
     args = parser.parse_args()
+    if args.rasterio:
+        core._DIRECT_DECODE = False
     args.workdir.mkdir(parents=True, exist_ok=True)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()}")
     if not args.skip_overhead:
-        overhead(args.cells, args.workdir)
+        overhead(args.cells, args.workdir, args.stage_repeats)
     if args.models:
         model_costs(args.models, args.repeats,
                     {"ssl4eo-s2": 25, "ssl4eo-s1": 25, "dinov2-rgb": 25, "siglip-rgb": 2})
