@@ -5,7 +5,8 @@ PY     := $(VENV)/bin/python
 
 .PHONY: setup demo test ui bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml scripts/system-deps.sh
+	bash scripts/system-deps.sh
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[dev]'
@@ -20,7 +21,7 @@ demo: setup
 	$(PY) -m majortom_assets.demo
 
 ui: setup
-	DAGSTER_HOME=$${DAGSTER_HOME:-$(CURDIR)/.dagster_home} $(VENV)/bin/dagster dev -w workspace.yaml
+	DAGSTER_HOME=$${DAGSTER_HOME:-$(CURDIR)/.dagster_home} $(VENV)/bin/dagster dev -h 127.0.0.1 -w workspace.yaml
 
 test: setup
 	$(PY) -m pytest

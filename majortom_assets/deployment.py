@@ -104,40 +104,50 @@ class DeploymentSettings(BaseModel):
             raise ValueError(f"invalid deployment environment: {problems}") from None
 
 
-def executor_from_env(environ: Mapping[str, str] | None = None):
-    """The Dagster executor for this environment (pass to ``Definitions(executor=...)``).
+def executor_config(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The config :func:`executor_from_env` bakes into its executor (empty for in-process / k8s).
 
-    Celery broker and backend are passed as ``{"env": VAR}`` when the variable is set, so a
-    password in the broker URL is resolved inside each process and never stored in run config.
+    Celery broker and backend are ``{"env": VAR}`` when the variable is set, so a password in
+    the broker URL is resolved inside each process and never stored in run config or shown in
+    the UI.
     """
-    import dagster as dg
-
     settings = DeploymentSettings.from_env(environ)
     env = os.environ if environ is None else environ
-    if settings.executor == "in_process":
-        return dg.in_process_executor
     if settings.executor == "multiprocess":
         config: dict[str, Any] = {
             "tag_concurrency_limits": [{"key": COMPUTE_TAG, "value": "gpu", "limit": settings.gpu_steps}]
         }
         if settings.max_concurrent is not None:
             config["max_concurrent"] = settings.max_concurrent
-        return dg.multiprocess_executor.configured(config, name="multiprocess")
+        return config
     if settings.executor == "celery":
-        from dagster_celery import celery_executor
 
         def source(field: str) -> Any:
             var = _ENV_FIELDS[field]
             return {"env": var} if env.get(var, "").strip() else getattr(settings, field)
 
-        return celery_executor.configured(
-            {
-                "broker": source("celery_broker"),
-                "backend": source("celery_backend"),
-                "config_source": {"task_default_queue": settings.celery_queue},
-            },
-            name="celery",
-        )
+        return {
+            "broker": source("celery_broker"),
+            "backend": source("celery_backend"),
+            "config_source": {"task_default_queue": settings.celery_queue},
+        }
+    return {}
+
+
+def executor_from_env(environ: Mapping[str, str] | None = None):
+    """The Dagster executor for this environment (pass to ``Definitions(executor=...)``)."""
+    import dagster as dg
+
+    settings = DeploymentSettings.from_env(environ)
+    config = executor_config(environ)
+    if settings.executor == "in_process":
+        return dg.in_process_executor
+    if settings.executor == "multiprocess":
+        return dg.multiprocess_executor.configured(config, name="multiprocess")
+    if settings.executor == "celery":
+        from dagster_celery import celery_executor
+
+        return celery_executor.configured(config, name="celery")
     try:
         from dagster_k8s import k8s_job_executor
     except ImportError as exc:  # only the Kubernetes image installs dagster-k8s
