@@ -1,0 +1,228 @@
+"""Finding and streaming the Table 2 embedding partitions that every vectors module reads.
+
+Partitions live at ``<root>/embeddings/<model>/row=<ROW>/embeddings.parquet``. Everything here reads
+them in record batches so memory stays bounded by the batch, never by the model's row count; only
+small per-partition metadata columns (cell, product, pixel box) are held for a whole file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from majortom_assets import geoparquet
+
+EMBEDDING_FILE = "embeddings.parquet"
+DEFAULT_BATCH_ROWS = 16_384
+_ROW_DIR = re.compile(r"^row=(.+)$")
+
+
+class UnknownModelError(ValueError):
+    """A model name with no embeddings under the root; the message lists the ones that exist."""
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("MAJORTOM_HOME", "./data"))
+
+
+def known_models(root: str | os.PathLike) -> list[str]:
+    base = Path(root) / "embeddings"
+    if not base.is_dir():
+        return []
+    return sorted(p.name for p in base.iterdir() if p.is_dir() and any(p.glob(f"row=*/{EMBEDDING_FILE}")))
+
+
+def model_paths(root: str | os.PathLike, model: str, rows: Sequence[str] | None = None) -> list[Path]:
+    """Partition files of one model, sorted by row name; ``rows`` (e.g. ``["136U"]``) restricts them.
+
+    Row names are validated by the grid before they touch a path, so ``rows=["../x"]`` is an error.
+    """
+    from majortom_assets.grid import parse_row_name, row_name
+
+    models = known_models(root)
+    if model not in models:
+        raise UnknownModelError(
+            f"no embeddings for model {model!r} under {Path(root) / 'embeddings'}; "
+            f"known models: {', '.join(models) if models else '(none)'}"
+        )
+    base = Path(root) / "embeddings" / model
+    if rows is None:
+        return sorted(base.glob(f"row=*/{EMBEDDING_FILE}"))
+    out = []
+    for name in rows:
+        canonical = str(row_name(parse_row_name(name)))
+        path = base / f"row={canonical}" / EMBEDDING_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"model {model!r} has no partition for grid row {canonical}: {path}")
+        out.append(path)
+    return out
+
+
+def partition_row(path: str | os.PathLike) -> str | None:
+    """The grid row a hive-style partition path names (``row=136U``), or None for other layouts."""
+    m = _ROW_DIR.match(Path(path).parent.name)
+    return m.group(1) if m else None
+
+
+def as_paths(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+    if isinstance(paths, (str, os.PathLike)):
+        return [Path(paths)]
+    out = [Path(p) for p in paths]
+    if not out:
+        raise ValueError("no embedding files given")
+    return out
+
+
+def row_count(paths: Iterable[Path]) -> int:
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
+
+
+def file_dim(path: Path) -> int:
+    """Embedding width from the file schema (the fixed_size_list size), cheap: footer only."""
+    field = pq.read_schema(path).field("embedding")
+    if not pa.types.is_fixed_size_list(field.type):
+        return int(geoparquet.read_info(path).dim)
+    return int(field.type.list_size)
+
+
+def common_dim(paths: Sequence[Path]) -> int:
+    dims = {p: file_dim(p) for p in paths}
+    distinct = set(dims.values())
+    if len(distinct) != 1:
+        detail = ", ".join(f"{p}: {d}" for p, d in dims.items())
+        raise ValueError(f"embedding files disagree on dimension ({detail})")
+    return distinct.pop()
+
+
+def iter_batches(
+    path: Path, columns: Sequence[str], batch_rows: int = DEFAULT_BATCH_ROWS
+) -> Iterator[pa.Table]:
+    """Record batches of one partition as small tables (row order = file order)."""
+    pf = pq.ParquetFile(path)
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=list(columns)):
+        yield pa.Table.from_batches([batch])
+
+
+def iter_embeddings(
+    path: Path, batch_rows: int = DEFAULT_BATCH_ROWS, columns: Sequence[str] = ()
+) -> Iterator[tuple[int, np.ndarray, pa.Table]]:
+    """(row offset in the file, float32 (n, dim) block, the requested extra columns) per batch."""
+    offset = 0
+    for table in iter_batches(path, ["embedding", *columns], batch_rows):
+        x = geoparquet.embedding_matrix(table.column("embedding"))
+        yield offset, x, table.drop_columns(["embedding"])
+        offset += table.num_rows
+
+
+def timestamps_ns(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Timestamps as naive-UTC datetime64[ns] whether the file stores timestamps or ISO strings."""
+    if pa.types.is_timestamp(column.type):
+        if column.type.tz is None:
+            column = column.cast(pa.timestamp(column.type.unit, tz="UTC"))
+        return np.asarray(column.cast(pa.timestamp("ns", tz="UTC")).to_numpy(), dtype="datetime64[ns]")
+    ts = pd.to_datetime(column.to_numpy(zero_copy_only=False), utc=True, format="ISO8601")
+    return ts.tz_localize(None).to_numpy("datetime64[ns]")
+
+
+def pixel_boxes(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """(N, 4) int64 pixel_bbox without a Python loop (list<int>[4] or fixed_size_list)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    flat = pc.list_flatten(column).to_numpy(zero_copy_only=False)
+    if flat.size != 4 * len(column):
+        raise ValueError("pixel_bbox must hold exactly 4 integers per row")
+    return flat.astype(np.int64).reshape(-1, 4)
+
+
+def central_mask(grid_cell: np.ndarray, product_id: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """True for the central fragment of each (grid_cell, product_id) sample.
+
+    The image extent is recovered from the boxes themselves (min start, max end per sample), so
+    any fragment layout works; the central fragment is the box whose centre is nearest the image
+    centre, ties broken by the smaller (row_start, col_start) so the choice never depends on row
+    order in the file.
+    """
+    n = len(boxes)
+    if n == 0:
+        return np.zeros(0, dtype=bool)
+    df = pd.DataFrame(
+        {
+            "cell": grid_cell,
+            "product": product_id,
+            "r0": boxes[:, 0],
+            "c0": boxes[:, 1],
+            "r1": boxes[:, 2],
+            "c1": boxes[:, 3],
+        }
+    )
+    g = df.groupby(["cell", "product"], sort=False)
+    img_r = (g["r0"].transform("min") + g["r1"].transform("max")) / 2.0
+    img_c = (g["c0"].transform("min") + g["c1"].transform("max")) / 2.0
+    df["d2"] = ((df.r0 + df.r1) / 2.0 - img_r) ** 2 + ((df.c0 + df.c1) / 2.0 - img_c) ** 2
+    df["pos"] = np.arange(n)
+    best = df.sort_values(["cell", "product", "d2", "r0", "c0"], kind="stable").drop_duplicates(
+        ["cell", "product"], keep="first"
+    )
+    mask = np.zeros(n, dtype=bool)
+    mask[best["pos"].to_numpy()] = True
+    return mask
+
+
+def file_central_mask(path: Path) -> np.ndarray:
+    meta = geoparquet.read_table(path, columns=["grid_cell", "product_id", "pixel_bbox"])
+    return central_mask(
+        meta.column("grid_cell").to_numpy(zero_copy_only=False),
+        meta.column("product_id").to_numpy(zero_copy_only=False),
+        pixel_boxes(meta.column("pixel_bbox")),
+    )
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    """Row-normalised float32 copy; zero rows stay zero instead of becoming NaN."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty sibling temp directory that replaces ``path`` only if the block succeeds.
+
+    A directory cannot be renamed over a non-empty one, so the old directory is moved aside first
+    and removed after the swap; readers see either the complete old or the complete new content.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        os.replace(final, old / final.name)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,85 @@
+"""DuckDB access to the embedding partitions: one view per model, spatial loaded, cosine macros.
+
+The spatial extension comes from the ``duckdb-ext-spatial`` wheel (no network): the connection's
+``extension_directory`` points at ``<site-packages>/duckdb_ext/extensions``. Each view reads
+``<root>/embeddings/<model>/row=*/embeddings.parquet`` with hive partitioning (so ``row`` is a
+column), casts ``embedding`` to the fixed-size ``FLOAT[dim]`` that DuckDB's array functions need,
+and with spatial loaded ``geometry`` arrives as a GEOMETRY. Examples: docs/sql.md.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import duckdb
+
+from majortom_assets.vectors import files
+
+MODELS_VIEW = "majortom_models"
+
+
+def extension_directory() -> Path:
+    """Where the duckdb-ext-spatial wheel keeps ``v<version>/<platform>/spatial.duckdb_extension``."""
+    try:
+        import duckdb_ext
+    except ImportError as exc:  # pragma: no cover - dependency of the package
+        raise RuntimeError("the duckdb-ext-spatial package is not installed") from exc
+    for base in getattr(duckdb_ext, "__path__", []):
+        path = Path(base) / "extensions"
+        if path.is_dir():
+            return path
+    raise RuntimeError("duckdb-ext-spatial is installed but holds no extensions directory")
+
+
+def view_name(model: str) -> str:
+    """SQL-friendly view name of a model: non-word characters become '_' (dinov2-rgb -> dinov2_rgb)."""
+    name = re.sub(r"\W", "_", model)
+    return name if not name[:1].isdigit() else f"m_{name}"
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def connect(root: str | os.PathLike | None = None, database: str = ":memory:",
+            models: list[str] | None = None) -> duckdb.DuckDBPyConnection:
+    """A connection with spatial loaded, one view per model, and the cosine macros.
+
+    Macros: ``cosine_sim(a, b)`` (array_cosine_similarity of two FLOAT[dim] arrays) and, per
+    model view ``v``, the table macro ``v_similar(uid, k)`` returning the k fragments most similar
+    to the fragment ``uid`` (exact scan). ``majortom_models`` lists model, view, dim, partitions.
+    """
+    root = Path(root) if root is not None else files.default_root()
+    con = duckdb.connect(database, config={
+        "extension_directory": str(extension_directory()),
+        "autoinstall_known_extensions": False,
+    })
+    con.execute("LOAD spatial")
+    con.execute("CREATE OR REPLACE MACRO cosine_sim(a, b) AS array_cosine_similarity(a, b)")
+    available = files.known_models(root)
+    chosen = available if models is None else models
+    rows = []
+    for model in chosen:
+        paths = files.model_paths(root, model)  # UnknownModelError lists the known ones
+        dim = files.common_dim(paths)
+        view = view_name(model)
+        pattern = str((root / "embeddings" / model).resolve() / "row=*" / files.EMBEDDING_FILE)
+        con.execute(
+            f'CREATE OR REPLACE VIEW "{view}" AS SELECT * REPLACE (CAST(embedding AS FLOAT[{dim}]) '
+            f"AS embedding) FROM read_parquet({_literal(pattern)}, hive_partitioning = true)"
+        )
+        con.execute(
+            f'CREATE OR REPLACE MACRO "{view}_similar"(uid, k) AS TABLE '
+            f'SELECT t.unique_id, t.grid_cell, t.timestamp, t.centre_lat, t.centre_lon, t.geometry, '
+            f'array_cosine_similarity(t.embedding, q.embedding) AS similarity '
+            f'FROM "{view}" t, (SELECT embedding FROM "{view}" WHERE unique_id = uid LIMIT 1) q '
+            f"ORDER BY similarity DESC LIMIT k"
+        )
+        rows.append((model, view, dim, len(paths)))
+    con.execute(f"CREATE OR REPLACE TABLE {MODELS_VIEW} (model VARCHAR, view VARCHAR, dim INTEGER, "
+                f"partitions INTEGER)")
+    if rows:
+        con.executemany(f"INSERT INTO {MODELS_VIEW} VALUES (?, ?, ?, ?)", rows)
+    return con
