@@ -207,14 +207,6 @@ def _graphql(port: int, query: str, variables: dict | None = None) -> dict:
     return payload["data"]
 
 
-def _antlr_runtime_too_old() -> bool:
-    """Dagster parses `--select` strings with an ANTLR 4.13 grammar; omegaconf (torchgeo -> lightly ->
-    hydra-core) pins the 4.9 runtime, which cannot load it. See the report / Makefile fix."""
-    from importlib.metadata import version
-
-    return tuple(int(p) for p in version("antlr4-python3-runtime").split(".")[:2]) < (4, 13)
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """A storage root and a persistent DAGSTER_HOME holding one materialised row, as after a demo."""
@@ -237,11 +229,6 @@ def served(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    _antlr_runtime_too_old(),
-    reason="antlr4-python3-runtime < 4.13 breaks Dagster's --select parser",
-    strict=True,
-)
 def test_cli_materialises_one_partition(served):
     home, dagster_home = served
     path = home / "embeddings" / MODEL / f"row={GOOD_ROW}" / "embeddings.parquet"
