@@ -123,8 +123,8 @@ def overhead(cells: int, workdir: Path, repeats: int) -> None:
     collection = CoreCollection(str(collection_dir))
     metadata = collection.metadata().iloc[:cells]
     embedder = trivial_embedder()
-    decoder = "direct (imagecodecs)" if core._DIRECT_DECODE and core._imagecodecs is not None else (
-        "direct (uncompressed only; rasterio for DEFLATE)" if core._DIRECT_DECODE else "rasterio")
+    decoder = "direct (imagecodecs)" if geotiff.DIRECT_DECODE and geotiff.imagecodecs_available() else (
+        "direct (uncompressed only; rasterio for DEFLATE)" if geotiff.DIRECT_DECODE else "rasterio")
     print(f"\n## Non-model overhead, {len(metadata)} S2L1C cells (13 bands, 1068 px, 25 x 224 px fragments), "
           f"decoder: {decoder}")
     print("\nEnd to end (`embed_to_file`, trivial model, CPU device, batch 64, prefetch 4); CPU = process "
@@ -208,7 +208,7 @@ def main() -> None:
                         help="decode every band with rasterio (the decoder before the direct path)")
     args = parser.parse_args()
     if args.rasterio:
-        core._DIRECT_DECODE = False
+        geotiff.DIRECT_DECODE = False
     args.workdir.mkdir(parents=True, exist_ok=True)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()}")
     if not args.skip_overhead:

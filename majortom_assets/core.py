@@ -3,13 +3,12 @@
 A Core collection is ``metadata.parquet`` plus ``images/part_XXXXX.parquet`` shards holding one
 sample per row group, each band a single-band GeoTIFF stored as bytes (STANDARD.md §1). The read
 path is built for the embedding hot loop: a sample costs one ranged read of one row group (only
-the requested columns), and its bands are decoded in a thread pool (rasterio releases the GIL)
-straight into one preallocated ``(bands, size, size)`` array.
+the requested columns), and its bands are decoded (``geotiff``) in a thread pool -- the codecs
+release the GIL -- straight into one preallocated ``(bands, size, size)`` array.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import threading
@@ -28,11 +27,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import rasterio
-import rasterio.crs
 from pydantic import BaseModel, ConfigDict, PositiveInt, field_validator, model_validator
-from rasterio.io import MemoryFile
 
-from majortom_assets import grid
+from majortom_assets import geotiff, grid
 
 S2L2A_BANDS: tuple[str, ...] = (
     "B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12",
@@ -103,28 +100,14 @@ class MetadataFilter(BaseModel):
     @field_validator("rows")
     @classmethod
     def _check_rows(cls, rows: list[str] | None) -> list[str] | None:
-        if rows is None:
-            return None
-        out = []
-        for name in rows:
-            try:
-                out.append(grid.row_name(grid.parse_row_name(name)))
-            except (ValueError, TypeError) as exc:
-                raise ValueError(f"rows: {name!r} is not a grid row name such as '136U' or '12D' ({exc})")
-        return out
+        return _canonical_names(rows, lambda name: grid.row_name(grid.parse_row_name(name)),
+                                "rows", "row name such as '136U' or '12D'")
 
     @field_validator("cells")
     @classmethod
     def _check_cells(cls, cells: list[str] | None) -> list[str] | None:
-        if cells is None:
-            return None
-        out = []
-        for name in cells:
-            try:
-                out.append(grid.cell_name(*grid.parse_cell_name(name)))
-            except (ValueError, TypeError) as exc:
-                raise ValueError(f"cells: {name!r} is not a grid cell name such as '136U_496R' ({exc})")
-        return out
+        return _canonical_names(cells, lambda name: grid.cell_name(*grid.parse_cell_name(name)),
+                                "cells", "cell name such as '136U_496R'")
 
     @field_validator("bbox")
     @classmethod
@@ -157,6 +140,19 @@ class MetadataFilter(BaseModel):
         if self.start is not None and self.end is not None and self.start > self.end:
             raise ValueError(f"start {self.start.isoformat()} is after end {self.end.isoformat()}")
         return self
+
+
+def _canonical_names(names: list[str] | None, canonical, field: str, what: str) -> list[str] | None:
+    """Grid names in their canonical spelling; a ValueError naming the first bad one."""
+    if names is None:
+        return None
+    out = []
+    for name in names:
+        try:
+            out.append(canonical(name))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{field}: {name!r} is not a grid {what} ({exc})") from None
+    return out
 
 
 def _to_utc_timestamps(values: pd.Series) -> pd.Series:
@@ -485,230 +481,6 @@ class _Decoded:
     transform: tuple[float, ...]
 
 
-# ---- direct GeoTIFF decoding ------------------------------------------------------------------
-# rasterio spends ~0.5 ms opening each in-memory band and its DEFLATE path is ~1.5x slower than
-# libdeflate called straight into the output array (docs/benchmarks/engine.md). The common layout
-# -- one little-endian classic-TIFF band, strips or tiles, no / DEFLATE / LZW / ZSTD compression,
-# predictor 1-3, an EPSG projected CRS, a north-up pixel-is-area grid -- is decoded here; any
-# other file, and any damaged one, goes to rasterio, which also words every error message.
-
-try:  # optional: without imagecodecs only uncompressed bands take the direct path
-    import imagecodecs as _imagecodecs
-except ImportError:  # pragma: no cover - depends on the environment
-    _imagecodecs = None
-
-_TIFF_TYPES = {1: "u1", 2: "u1", 3: "<u2", 4: "<u4", 6: "i1", 7: "u1", 8: "<i2", 9: "<i4", 11: "<f4",
-               12: "<f8", 16: "<u8", 17: "<i8"}
-_TIFF_RATIONAL = 5
-_IFD_ENTRY = np.dtype([("tag", "<u2"), ("type", "<u2"), ("count", "<u4"), ("value", "<u4")])
-_SAMPLE_DTYPES = {(1, 8): np.dtype("u1"), (1, 16): np.dtype("<u2"), (1, 32): np.dtype("<u4"),
-                  (2, 8): np.dtype("i1"), (2, 16): np.dtype("<i2"), (2, 32): np.dtype("<i4"),
-                  (3, 32): np.dtype("<f4"), (3, 64): np.dtype("<f8")}
-# Tags the direct path understands or may ignore; any other tag (ExtraSamples, ColorMap,
-# ModelTransformation, JPEG tables, ...) could change the pixels or the grid: rasterio decodes it.
-_TIFF_KNOWN_TAGS = frozenset({254, 256, 257, 258, 259, 262, 273, 274, 277, 278, 279, 282, 283, 284, 296,
-                              305, 306, 317, 322, 323, 324, 325, 339, 33550, 33922, 34735, 34736,
-                              34737, 42112, 42113})
-# GeoKeys a plain projected "EPSG:<code>" CRS carries (model/raster type, citations, units).
-_PLAIN_GEOKEYS = frozenset({1024, 1025, 1026, 2049, 2054, 3072, 3073, 3076})
-_COMPRESSION_NONE, _COMPRESSION_LZW, _COMPRESSION_DEFLATE = 1, 5, 8
-_COMPRESSION_ADOBE_DEFLATE, _COMPRESSION_ZSTD = 32946, 50000
-
-
-class _NotDirect(Exception):
-    """The band is outside the direct decoder's scope (or damaged): decode it with rasterio."""
-
-
-def _tiff_tags(buf: memoryview) -> dict[int, np.ndarray]:
-    """Tags of the first IFD of a classic little-endian TIFF, as numpy arrays."""
-    if len(buf) < 8 or bytes(buf[:4]) != b"II*\x00":
-        raise _NotDirect("not a classic little-endian TIFF")
-    ifd = int(np.frombuffer(buf, "<u4", 1, 4)[0])
-    if ifd + 2 > len(buf):
-        raise _NotDirect("IFD outside the file")
-    n = int(np.frombuffer(buf, "<u2", 1, ifd)[0])
-    if ifd + 2 + n * 12 > len(buf):
-        raise _NotDirect("IFD outside the file")
-    tags: dict[int, np.ndarray] = {}
-    for tag, typ, count, value in np.frombuffer(buf, _IFD_ENTRY, n, ifd + 2).tolist():
-        if tag not in _TIFF_KNOWN_TAGS:
-            raise _NotDirect(f"tag {tag}")
-        if typ == _TIFF_RATIONAL:
-            continue   # only the (unused) resolution tags are rationals
-        dtype = _TIFF_TYPES.get(typ)
-        if dtype is None:
-            raise _NotDirect(f"tag type {typ}")
-        dtype = np.dtype(dtype)
-        size = dtype.itemsize * count
-        if size <= 4:   # the value sits in the entry itself
-            tags[tag] = np.array([value], "<u4").view("u1")[:size].view(dtype)
-        elif value + size <= len(buf):
-            tags[tag] = np.frombuffer(buf, dtype, count, value)
-        else:
-            raise _NotDirect(f"tag {tag} outside the file")
-    return tags
-
-
-def _scalar(tags: dict[int, np.ndarray], tag: int, default: int | None = None) -> int:
-    value = tags.get(tag)
-    if value is None or value.size == 0:
-        if default is None:
-            raise _NotDirect(f"tag {tag} missing")
-        return default
-    if value.size != 1:
-        raise _NotDirect(f"tag {tag} has {value.size} values")
-    return int(value[0])
-
-
-@functools.lru_cache(maxsize=512)
-def _epsg_name(code: int) -> str:
-    """rasterio's own spelling of an EPSG CRS, so both decoders return the same string."""
-    return rasterio.crs.CRS.from_epsg(code).to_string()
-
-
-def _georeference(tags: dict[int, np.ndarray]) -> tuple[str, tuple[float, ...]]:
-    keys = tags.get(34735)
-    if keys is None or keys.size < 4 or keys.size < 4 * (int(keys[3]) + 1):
-        raise _NotDirect("no GeoKey directory")
-    directory = keys[4: 4 * (int(keys[3]) + 1)].reshape(-1, 4).tolist()
-    geokeys = {key: (location, value) for key, location, _, value in directory}
-    if not set(geokeys) <= _PLAIN_GEOKEYS:
-        raise _NotDirect("GeoKeys beyond a plain EPSG CRS")
-    model, raster = geokeys.get(1024, (None, None)), geokeys.get(1025, (0, 1))
-    code = geokeys.get(3072, (None, None))
-    if model != (0, 1) or raster != (0, 1) or code[0] != 0 or not 1024 <= (code[1] or 0) < 32767:
-        raise _NotDirect("not a projected EPSG CRS on a pixel-is-area grid")
-    if geokeys.get(3076, (0, 9001)) != (0, 9001) or geokeys.get(2054, (0, 9102)) != (0, 9102):
-        raise _NotDirect("units other than metres and degrees")
-    scale, tie = tags.get(33550), tags.get(33922)
-    if scale is None or tie is None or scale.size < 2 or tie.size != 6 or tie[0] != 0 or tie[1] != 0:
-        raise _NotDirect("grid is not a pixel scale with a tie point at pixel (0, 0)")
-    sx, sy = float(scale[0]), float(scale[1])
-    return _epsg_name(int(code[1])), (sx, 0.0, float(tie[3]), 0.0, -sy, float(tie[4]))
-
-
-def _decompressor(compression: int):
-    """Callable (src, dst) -> bytes written, for the codecs the direct path handles."""
-    if compression == _COMPRESSION_NONE:
-        def copy(src: memoryview, dst: memoryview) -> int:
-            n = min(len(src), len(dst))
-            dst[:n] = src[:n]
-            return n
-        return copy
-    if _imagecodecs is None:
-        raise _NotDirect("imagecodecs is not installed")
-    decode = {_COMPRESSION_DEFLATE: _imagecodecs.deflate_decode,
-              _COMPRESSION_ADOBE_DEFLATE: _imagecodecs.deflate_decode,
-              _COMPRESSION_ZSTD: _imagecodecs.zstd_decode,
-              _COMPRESSION_LZW: _imagecodecs.lzw_decode}.get(compression)
-    if decode is None:
-        raise _NotDirect(f"compression {compression}")
-
-    def run(src: memoryview, dst: memoryview) -> int:
-        return len(decode(src, out=dst))
-    return run
-
-
-def _unpredict(block: np.ndarray, predictor: int) -> None:
-    """Undo the TIFF predictor in place on (rows, cols) of one strip or tile."""
-    if predictor == 2:
-        if _imagecodecs is not None:
-            _imagecodecs.delta_decode(block, axis=-1, out=block)
-        else:
-            np.cumsum(block, axis=-1, dtype=block.dtype, out=block)
-    elif predictor == 3:
-        if _imagecodecs is None:
-            raise _NotDirect("floating-point predictor needs imagecodecs")
-        block[...] = _imagecodecs.floatpred_decode(block, axis=-1)
-    elif predictor != 1:
-        raise _NotDirect(f"predictor {predictor}")
-
-
-@dataclass(frozen=True)
-class _TiffBand:
-    """What the direct decoder needs from one GeoTIFF band, read from its first IFD."""
-
-    height: int
-    width: int
-    count: int
-    dtype: np.dtype
-    compression: int
-    predictor: int
-    block: tuple[int, int] | None    # (tile length, tile width); None for strips
-    rows_per_strip: int
-    offsets: np.ndarray
-    byte_counts: np.ndarray
-    crs: str
-    transform: tuple[float, ...]
-
-    @classmethod
-    def parse(cls, buf: memoryview) -> _TiffBand:
-        tags = _tiff_tags(buf)
-        if _scalar(tags, 254, 0) != 0 or _scalar(tags, 274, 1) != 1:
-            raise _NotDirect("subfile or non-default orientation")
-        height, width = _scalar(tags, 257), _scalar(tags, 256)
-        count = _scalar(tags, 277, 1)
-        bits = tags.get(258)
-        fmt = tags.get(339)
-        if bits is None or bits.size != 1 or (fmt is not None and fmt.size != 1):
-            raise _NotDirect("per-sample formats")
-        dtype = _SAMPLE_DTYPES.get((int(fmt[0]) if fmt is not None else 1, int(bits[0])))
-        if dtype is None:
-            raise _NotDirect("sample format")
-        predictor = _scalar(tags, 317, 1)
-        if predictor == 3 and dtype.kind != "f" or predictor == 2 and dtype.kind == "f":
-            raise _NotDirect("predictor does not fit the sample format")
-        if 322 in tags or 324 in tags:
-            block: tuple[int, int] | None = (_scalar(tags, 323), _scalar(tags, 322))
-            offsets, byte_counts = tags.get(324), tags.get(325)
-            rows_per_strip = 0
-        else:
-            block = None
-            offsets, byte_counts = tags.get(273), tags.get(279)
-            rows_per_strip = min(_scalar(tags, 278, height), height)
-        if offsets is None or byte_counts is None or offsets.size != byte_counts.size or rows_per_strip < 0:
-            raise _NotDirect("no data offsets")
-        crs, transform = _georeference(tags)
-        return cls(height, width, count, dtype, _scalar(tags, 259, 1), predictor, block,
-                   rows_per_strip, offsets.astype(np.int64), byte_counts.astype(np.int64), crs, transform)
-
-    def read(self, buf: memoryview, out: np.ndarray) -> None:
-        """Decode the pixels into ``out`` (height, width) of the band's dtype, C-contiguous."""
-        if self.count != 1:
-            raise _NotDirect("more than one sample per pixel")
-        decompress = _decompressor(self.compression)
-        ends = self.offsets + self.byte_counts
-        if self.offsets.size and (self.offsets.min() < 0 or ends.max() > len(buf) or self.byte_counts.min() <= 0):
-            raise _NotDirect("data outside the file or sparse blocks")
-        row_bytes = self.width * self.dtype.itemsize
-        if self.block is None:
-            strips = -(-self.height // self.rows_per_strip) if self.rows_per_strip else 0
-            if self.offsets.size != strips:
-                raise _NotDirect("strip count")
-            flat = memoryview(out.reshape(-1).view(np.uint8))
-            step = self.rows_per_strip * row_bytes
-            for k, (start, end) in enumerate(zip(self.offsets.tolist(), ends.tolist())):
-                dst = flat[k * step: (k + 1) * step]
-                if decompress(buf[start:end], dst) != len(dst):
-                    raise _NotDirect("strip decodes to the wrong size")
-            if self.predictor != 1:   # each image row starts afresh, so one pass over the whole band
-                _unpredict(out, self.predictor)
-            return
-        length, width = self.block
-        across, down = -(-self.width // width), -(-self.height // length)
-        if self.offsets.size != across * down:
-            raise _NotDirect("tile count")
-        tile = np.empty((length, width), self.dtype)
-        tile_bytes = memoryview(tile.reshape(-1).view(np.uint8))
-        for k, (start, end) in enumerate(zip(self.offsets.tolist(), ends.tolist())):
-            if decompress(buf[start:end], tile_bytes) != len(tile_bytes):
-                raise _NotDirect("tile decodes to the wrong size")
-            _unpredict(tile, self.predictor)
-            r0, c0 = (k // across) * length, (k % across) * width
-            rows, cols = min(length, self.height - r0), min(width, self.width - c0)
-            out[r0: r0 + rows, c0: c0 + cols] = tile[:rows, :cols]
-
-
 def _check_shape(height: int, width: int, count: int, size: int, band: str) -> int:
     """The band's upsampling factor to the 10 m grid; SampleError for shapes Core never has."""
     if count != 1:
@@ -727,71 +499,23 @@ def _upsample_into(low: np.ndarray, out: np.ndarray, factor: int) -> None:
     out.reshape(height, factor, size)[...] = wide[:, None, :]
 
 
-def _decode_direct(data: Any, band: str, out: np.ndarray, size: int) -> _Decoded:
-    buf = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
-    tiff = _TiffBand.parse(buf)
-    factor = _check_shape(tiff.height, tiff.width, tiff.count, size, band)
-    if factor == 1 and tiff.dtype == out.dtype:
-        tiff.read(buf, out)
-        return _Decoded(band, 1, tiff.crs, tiff.transform)
-    native = np.empty((tiff.height, tiff.width), tiff.dtype)
-    tiff.read(buf, native)
-    if factor == 1:
-        out[...] = native
-        return _Decoded(band, 1, tiff.crs, tiff.transform)
-    _upsample_into(native, out, factor)
-    return _Decoded(band, factor, None, tiff.transform)
-
-
-def _decode_rasterio(data: Any, band: str, out: np.ndarray, size: int) -> _Decoded:
-    try:
-        with MemoryFile(bytes(data)) as memfile, memfile.open() as ds:
-            factor = _check_shape(ds.height, ds.width, ds.count, size, band)
-            if factor == 1:
-                if ds.dtypes[0] == out.dtype:
-                    ds.read(1, out=out)
-                else:
-                    out[...] = ds.read(1)
-                crs = ds.crs.to_string() if ds.crs is not None else None
-            else:
-                _upsample_into(ds.read(1), out, factor)
-                crs = None
-            transform = tuple(ds.transform)[:6]
-    except SampleError:
-        raise
-    except Exception as exc:  # noqa: BLE001 -- GDAL raises many types for bad bytes
-        raise SampleError(f"undecodable GeoTIFF: {type(exc).__name__}: {exc}", band=band) from None
-    return _Decoded(band, factor, crs, transform)
-
-
 def _decode_into(data: Any, band: str, out: np.ndarray, size: int) -> _Decoded:
+    """One band into its (size, size) slot: 10 m bands straight in, coarser ones upsampled."""
     if data is None:
         raise SampleError("band column is empty in this row group", band=band)
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise SampleError(f"band column holds {type(data).__name__}, not GeoTIFF bytes", band=band)
-    if _DIRECT_DECODE:
-        try:
-            return _decode_direct(data, band, out, size)
-        except (_NotDirect, ValueError, TypeError, RuntimeError):
-            pass   # out of scope or damaged: rasterio decides, and names the problem
-        except Exception as exc:  # codec errors: imagecodecs raises its own types
-            if type(exc).__module__.split(".")[0] != "imagecodecs":
-                raise
-    return _decode_rasterio(data, band, out, size)
-
-
-def _band_crs(data: Any) -> str | None:
-    if _DIRECT_DECODE:
-        try:
-            return _TiffBand.parse(memoryview(data).cast("B")).crs
-        except (_NotDirect, ValueError, TypeError):
-            pass
-    with MemoryFile(bytes(data)) as memfile, memfile.open() as ds:
-        return ds.crs.to_string() if ds.crs is not None else None
-
-
-# MAJORTOM_DIRECT_DECODE=0 forces rasterio for every band (benchmarks, bisecting a decode issue).
-_DIRECT_DECODE = os.environ.get("MAJORTOM_DIRECT_DECODE", "1") != "0"
+    try:
+        with geotiff.open_band(data) as tiff:
+            info = tiff.info
+            factor = _check_shape(info.height, info.width, info.count, size, band)
+            if factor == 1:
+                tiff.read(out)
+            else:
+                _upsample_into(tiff.read(), out, factor)
+    except geotiff.GeoTiffError as exc:
+        raise SampleError(str(exc), band=band) from None
+    return _Decoded(band, factor, info.crs, info.transform)
 
 
 def decode_bands(raw: Mapping[str, Any], bands: Sequence[str], size: int = 1068, *, product_id: str,
@@ -833,7 +557,7 @@ def decode_bands(raw: Mapping[str, Any], bands: Sequence[str], size: int = 1068,
         a, b, c, d, e, f = coarse.transform
         k = coarse.factor
         transform = (a / k, b / k, c, d / k, e / k, f)
-        crs = _band_crs(raw[coarse.band])
+        crs = coarse.crs
     else:
         transform, crs = reference.transform, reference.crs
     if crs is None:

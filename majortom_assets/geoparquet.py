@@ -313,26 +313,39 @@ def sample_table(
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from exc
     ids = unique_ids(feet.geometry_wkb, stamp, product_id, emb)
+    columns = fragment_columns(boxes, feet, grid_cell=grid_cell, grid_row_u=grid_row_u,
+                               grid_col_r=grid_col_r, product_id=product_id, timestamp=stamp, crs=crs)
+    columns["unique_id"] = pa.array(ids, pa.string())
+    columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim)
+    schema = embedding_schema(dim)
+    return pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema)
+
+
+def fragment_columns(boxes: np.ndarray, feet: Footprints, *, grid_cell: str, grid_row_u: int,
+                     grid_col_r: int, product_id: str, timestamp: Any, crs: str) -> dict[str, pa.Array]:
+    """The columns every per-fragment table shares (Table 2 and the fragment grid), by name.
+
+    ``timestamp`` is one value for the sample or one per fragment (naive means UTC); the other
+    sample-level values are repeated for each of the ``len(boxes)`` fragments.
+    """
+    n = len(boxes)
 
     def repeat(value, typ):
         return pa.array(np.full(n, value, dtype=object), typ)
 
-    columns = [
-        pa.array(ids, pa.string()),
-        pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim),
-        repeat(grid_cell, pa.string()),
-        pa.array(np.full(n, grid_row_u, np.int32)),
-        pa.array(np.full(n, grid_col_r, np.int32)),
-        repeat(product_id, pa.string()),
-        pa.array(stamp, pa.timestamp("us", tz="UTC")),
-        pa.array(feet.geometry_wkb, pa.binary()),
-        pa.array(feet.utm_wkt, pa.string()),
-        repeat(str(crs), pa.string()),
-        pa.FixedSizeListArray.from_arrays(pa.array(boxes.astype(np.int32).reshape(-1)), 4),
-        pa.array(feet.centre_lat),
-        pa.array(feet.centre_lon),
-    ]
-    return pa.Table.from_arrays(columns, schema=embedding_schema(dim))
+    return {
+        "grid_cell": repeat(grid_cell, pa.string()),
+        "grid_row_u": pa.array(np.full(n, grid_row_u, np.int32)),
+        "grid_col_r": pa.array(np.full(n, grid_col_r, np.int32)),
+        "product_id": repeat(product_id, pa.string()),
+        "timestamp": pa.array(_utc_microseconds(timestamp, n), pa.timestamp("us", tz="UTC")),
+        "geometry": pa.array(feet.geometry_wkb, pa.binary()),
+        "utm_footprint": pa.array(feet.utm_wkt, pa.string()),
+        "utm_crs": repeat(str(crs), pa.string()),
+        "pixel_bbox": pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(boxes).astype(np.int32).reshape(-1)), 4),
+        "centre_lat": pa.array(feet.centre_lat),
+        "centre_lon": pa.array(feet.centre_lon),
+    }
 
 
 # ------------------------------------------------------------------------------- file metadata
@@ -504,6 +517,25 @@ def geo_metadata(geometry_types: list[str], bbox: list[float] | None) -> dict:
     return {"version": GEOPARQUET_VERSION, "primary_column": "geometry", "columns": {"geometry": column}}
 
 
+def wkb_geometry_types(wkb: pa.Array | pa.ChunkedArray) -> list[str]:
+    """GeoParquet ``geometry_types`` of a WKB column, in type-id order."""
+    type_ids = np.unique(shapely.get_type_id(shapely.from_wkb(wkb.to_numpy(zero_copy_only=False))))
+    return [_GEOMETRY_TYPE_NAMES.get(int(t), "Unknown") for t in type_ids]
+
+
+def write_geo_table(path: str | os.PathLike, table: pa.Table, compression: str = "zstd") -> Path:
+    """One in-memory table with a WGS84 WKB ``geometry`` column as GeoParquet 1.1, atomically.
+
+    For small derived files (the fragment grid); embedding files stream through ``write_embeddings``.
+    The ``geo`` metadata names the geometry types and the CRS, without a bbox.
+    """
+    geo = geo_metadata(wkb_geometry_types(table.column("geometry")), None)
+    table = table.replace_schema_metadata({META_GEO: json.dumps(geo).encode()})
+    with atomic_output(path) as tmp:
+        pq.write_table(table, tmp, compression=compression)
+    return Path(path)
+
+
 def _reserved_geo_json() -> bytes:
     """A valid `geo` value padded with spaces to the longest length the final value can take."""
     widest = geo_metadata(list(_GEOMETRY_TYPE_NAMES.values()), [-1.2345678901234567e-100] * 4)
@@ -609,7 +641,11 @@ def _check_table(table: pa.Table, schema: pa.Schema, path: Path) -> None:
 
 # ------------------------------------------------------------------------------------- reading
 def read_table(path: str | os.PathLike, columns: Sequence[str] | None = None, filters=None) -> pa.Table:
-    return pq.read_table(path, columns=list(columns) if columns is not None else None, filters=filters)
+    """Read through ONE open handle: pyarrow opens a path several times (footer, then row groups),
+    so a partition atomically replaced in between would be read half old, half new."""
+    with pa.OSFile(os.fspath(path)) as source:
+        return pq.read_table(source, columns=list(columns) if columns is not None else None,
+                             filters=filters)
 
 
 def embedding_matrix(data: pa.Table | pa.RecordBatch | pa.ChunkedArray | pa.Array) -> np.ndarray:

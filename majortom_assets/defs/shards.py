@@ -1,28 +1,24 @@
 """Core collections: the filtered metadata selection, and each grid row's samples copied locally.
 
-A row's local copy is itself a small Core collection (`metadata.parquet` + `images/*.parquet`,
-one sample per row group), so every later stage reads it with `core.CoreCollection` exactly as
-it would read the hub: the same code path for a laptop and for production.
+A row's local copy (`mirror.copy_samples`) is itself a small Core collection, so every later
+stage reads it with `core.CoreCollection` exactly as it would read the hub.
 """
 
-import hashlib
 import time
 from datetime import datetime
-from pathlib import Path
 
 import dagster as dg
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import ValidationError
 
 from majortom_assets import grid
-from majortom_assets.core import CoreCollection, MetadataFilter, SampleError
+from majortom_assets.core import CoreCollection, MetadataFilter
 from majortom_assets.defs import keys, presentation
 from majortom_assets.defs.partitions import GRID_ROWS, ROW_BACKFILL
 from majortom_assets.defs.resources import CollectionsResource, StorageResource, load_settings
 from majortom_assets.deployment import io_step_tags
 from majortom_assets.geoparquet import atomic_output
+from majortom_assets.mirror import copy_samples, open_copy
 
 #: Steps that read remote shards retry transient network failures with growing, jittered delays.
 NETWORK_RETRY = dg.RetryPolicy(
@@ -68,67 +64,17 @@ def read_selection(storage: StorageResource, source: str) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
-def copy_row_samples(
-    collection: CoreCollection, rows: pd.DataFrame, out_dir: Path
-) -> tuple[pd.DataFrame, list[dict]]:
-    """Copy each sample's row group into `out_dir` as a small Core collection.
-
-    The metadata file is the commit point: the samples file is named by its content, written
-    first, and only then referenced; stale sample files are removed afterwards. A sample that
-    cannot be read is skipped and reported, never fatal to the others.
-    """
-    skipped: list[dict] = []
-    kept: list[int] = []
-    schema: pa.Schema | None = None
-    images = out_dir / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    tmp_images = images / f".samples-{time.time_ns()}.tmp.parquet"
-    writer = None
+def local_shard(storage: StorageResource, source: str, row_key: str) -> tuple[CoreCollection, pd.DataFrame]:
+    """The row's local sample copy and its metadata, or a Failure saying which asset to run first."""
+    shard_dir = storage.layout.shard_dir(source, row_key)
     try:
-        for i, row in enumerate(rows.itertuples(index=False)):
-            try:
-                if schema is None:
-                    with collection.fs.open(collection.shard_path(row.parquet_url), "rb") as fh:
-                        schema = pq.read_schema(fh).remove_metadata()
-                    writer = pq.ParquetWriter(tmp_images, schema, compression="zstd")
-                raw = collection.read_raw(
-                    row.parquet_url,
-                    row.parquet_row,
-                    schema.names,
-                    product_id=row.product_id,
-                    grid_cell=row.grid_cell,
-                )
-                if raw.get("product_id") != row.product_id or raw.get("grid_cell") != row.grid_cell:
-                    raise SampleError(
-                        f"row group holds {raw.get('product_id')} / {raw.get('grid_cell')}, not the metadata's sample",
-                        product_id=row.product_id,
-                        grid_cell=row.grid_cell,
-                    )
-                writer.write_table(pa.Table.from_pylist([raw], schema=schema))
-                digest.update(
-                    f"{row.product_id}/{row.grid_cell}/{row.parquet_url}/{row.parquet_row}".encode()
-                )
-                kept.append(i)
-            except (SampleError, OSError, ValueError) as exc:
-                skipped.append({"product_id": row.product_id, "grid_cell": row.grid_cell, "reason": str(exc)})
-    finally:
-        if writer is not None:
-            writer.close()
-    local = rows.iloc[kept].reset_index(drop=True).copy()
-    name = f"images/samples-{digest.hexdigest()[:16]}.parquet"
-    if kept:
-        tmp_images.replace(out_dir / name)
-    else:
-        tmp_images.unlink(missing_ok=True)
-    local["parquet_url"] = name
-    local["parquet_row"] = range(len(local))
-    with atomic_output(out_dir / "metadata.parquet") as tmp:
-        local.to_parquet(tmp, index=False)
-    for stale in images.glob("samples-*.parquet"):
-        if stale.name != Path(name).name:
-            stale.unlink(missing_ok=True)
-    return local, skipped
+        return open_copy(shard_dir)
+    except FileNotFoundError:
+        raise dg.Failure(
+            f"row {row_key}: no local {source} shard at {shard_dir}; materialise "
+            f"{keys.core_shards_key(source).to_user_string()} for this row first",
+            allow_retries=False,
+        ) from None
 
 
 def build_core_metadata_asset(source: str) -> dg.AssetsDefinition:
@@ -199,7 +145,7 @@ def build_core_shards_asset(source: str) -> dg.AssetsDefinition:
             out_dir = layout.shard_dir(source, row_key)
             rows = selection[selection["grid_row_u"] == grid.parse_row_name(row_key)]
             started = time.perf_counter()
-            local, skipped = copy_row_samples(collection, rows, out_dir)
+            local, skipped = copy_samples(collection, rows, out_dir)
             if len(rows) and not len(local):
                 raise dg.Failure(
                     f"row {row_key}: none of the {len(rows)} Core-{source} samples could be read; "

@@ -1,0 +1,89 @@
+"""Local copies of selected Core samples, themselves small Core collections.
+
+A copy is ``metadata.parquet`` + ``images/samples-<digest>.parquet`` (one sample per row group),
+so every later stage reads it with ``core.CoreCollection`` exactly as it would read the hub: the
+same code path for a laptop and for production. Only the selected samples' row groups are read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from majortom_assets.core import CoreCollection, SampleError
+from majortom_assets.geoparquet import atomic_output
+
+METADATA_FILE = "metadata.parquet"
+
+
+def copy_samples(
+    collection: CoreCollection, metadata: pd.DataFrame, out_dir: str | os.PathLike
+) -> tuple[pd.DataFrame, list[dict]]:
+    """Copy each metadata row's row group (all shard columns) into ``out_dir``.
+
+    Returns the copy's metadata (``parquet_url`` / ``parquet_row`` pointing into the copy) and
+    one ``{product_id, grid_cell, reason}`` per sample that could not be read: such a sample is
+    skipped, never fatal to the others. The metadata file is the commit point: the samples file
+    is named by its content, written first, and only then referenced; stale sample files are
+    removed afterwards.
+    """
+    out_dir = Path(out_dir)
+    skipped: list[dict] = []
+    kept: list[int] = []
+    schema: pa.Schema | None = None
+    images = out_dir / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    tmp_images = images / f".samples-{time.time_ns()}.tmp.parquet"
+    writer = None
+    try:
+        for i, row in enumerate(metadata.itertuples(index=False)):
+            try:
+                if schema is None:
+                    with collection.fs.open(collection.shard_path(row.parquet_url), "rb") as fh:
+                        schema = pq.read_schema(fh).remove_metadata()
+                    writer = pq.ParquetWriter(tmp_images, schema, compression="zstd")
+                raw = collection.read_raw(row.parquet_url, row.parquet_row, schema.names,
+                                          product_id=row.product_id, grid_cell=row.grid_cell)
+                if raw.get("product_id") != row.product_id or raw.get("grid_cell") != row.grid_cell:
+                    raise SampleError(
+                        f"row group holds {raw.get('product_id')} / {raw.get('grid_cell')}, not the metadata's sample",
+                        product_id=row.product_id, grid_cell=row.grid_cell,
+                    )
+                writer.write_table(pa.Table.from_pylist([raw], schema=schema))
+                digest.update(f"{row.product_id}/{row.grid_cell}/{row.parquet_url}/{row.parquet_row}".encode())
+                kept.append(i)
+            except (SampleError, OSError, ValueError) as exc:
+                skipped.append({"product_id": row.product_id, "grid_cell": row.grid_cell, "reason": str(exc)})
+    finally:
+        if writer is not None:
+            writer.close()
+    local = metadata.iloc[kept].reset_index(drop=True).copy()
+    name = f"images/samples-{digest.hexdigest()[:16]}.parquet"
+    if kept:
+        tmp_images.replace(out_dir / name)
+    else:
+        tmp_images.unlink(missing_ok=True)
+    local["parquet_url"] = name
+    local["parquet_row"] = range(len(local))
+    with atomic_output(out_dir / METADATA_FILE) as tmp:
+        local.to_parquet(tmp, index=False)
+    for stale in images.glob("samples-*.parquet"):
+        if stale.name != Path(name).name:
+            stale.unlink(missing_ok=True)
+    return local, skipped
+
+
+def open_copy(copy_dir: str | os.PathLike) -> tuple[CoreCollection, pd.DataFrame]:
+    """A copy made by ``copy_samples`` and its metadata; FileNotFoundError if there is none."""
+    copy_dir = Path(copy_dir)
+    meta_path = copy_dir / METADATA_FILE
+    if not meta_path.exists():
+        raise FileNotFoundError(f"no local sample copy at {copy_dir} (no {METADATA_FILE})")
+    return CoreCollection(str(copy_dir)), pd.read_parquet(meta_path)

@@ -1,0 +1,113 @@
+"""Local sample copies: byte-identical row groups, only the selected ones read, skips reported."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from majortom_assets import mirror, synthetic
+from majortom_assets.core import S2L2A_BANDS, CoreCollection
+
+SIZE = 60
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> CoreCollection:
+    path = tmp_path_factory.mktemp("mirror") / "Core-S2L2A"
+    synthetic.generate_collection(path, "S2L2A", cells=synthetic.default_cells()[:4], timestamps=2,
+                                  size=SIZE, seed=11, samples_per_shard=3)   # 8 samples in 3 shards
+    return CoreCollection(str(path))
+
+
+@pytest.fixture()
+def selection(source) -> pd.DataFrame:
+    meta = source.metadata()
+    assert meta["parquet_url"].nunique() == 3
+    return meta.iloc[[1, 3, 4, 7]].reset_index(drop=True)
+
+
+def _spy_row_group_reads(collection: CoreCollection, monkeypatch) -> list[tuple[str, int]]:
+    """(shard file, row group) of every row group read through this collection's filesystem."""
+    reads: list[tuple[str, int]] = []
+    current = {}
+    real_open, real_read = collection.fs.open, pq.ParquetFile.read_row_group
+
+    def open_(path, *args, **kwargs):
+        current["path"] = str(path).rsplit("/", 1)[-1]
+        return real_open(path, *args, **kwargs)
+
+    def read_row_group(self, i, *args, **kwargs):
+        reads.append((current["path"], int(i)))
+        return real_read(self, i, *args, **kwargs)
+
+    monkeypatch.setattr(collection.fs, "open", open_)
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", read_row_group)
+    return reads
+
+
+def test_copy_reads_only_the_selected_row_groups(source, selection, tmp_path, monkeypatch):
+    reads = _spy_row_group_reads(source, monkeypatch)
+    local, skipped = mirror.copy_samples(source, selection, tmp_path / "copy")
+    monkeypatch.undo()
+    assert skipped == []
+    want = [(url.rsplit("/", 1)[-1], int(row)) for url, row in zip(selection.parquet_url, selection.parquet_row)]
+    assert reads == want
+    assert len(local) == len(selection)
+
+
+def test_copy_is_a_core_collection_with_identical_samples(source, selection, tmp_path):
+    local, _ = mirror.copy_samples(source, selection, tmp_path / "copy")
+    copy, meta = mirror.open_copy(tmp_path / "copy")
+    pd.testing.assert_frame_equal(meta, local)
+    assert list(meta["parquet_row"]) == list(range(len(selection)))
+    assert meta["parquet_url"].nunique() == 1 and meta["parquet_url"][0].startswith("images/samples-")
+    keep = [c for c in selection.columns if c not in ("parquet_url", "parquet_row")]
+    pd.testing.assert_frame_equal(meta[keep], selection[keep])
+    # every shard column of every sample, byte for byte, and the decoded sample through both
+    columns = pq.read_schema(source.shard_path(selection.parquet_url[0])).names
+    copied = pq.ParquetFile(copy.shard_path(meta.parquet_url[0]))
+    assert copied.num_row_groups == len(selection) and copied.schema_arrow.names == columns
+    for (_, orig), (_, mine) in zip(selection.iterrows(), meta.iterrows()):
+        assert copy.read_raw(mine.parquet_url, mine.parquet_row, columns) == source.read_raw(
+            orig.parquet_url, orig.parquet_row, columns)
+        a = source.read_sample(orig, S2L2A_BANDS, SIZE, max_workers=1)
+        b = copy.read_sample(mine, S2L2A_BANDS, SIZE, max_workers=1)
+        np.testing.assert_array_equal(a.pixels, b.pixels)
+        assert (a.crs, a.transform, a.timestamp) == (b.crs, b.transform, b.timestamp)
+    assert copy.metadata().shape[0] == len(selection)
+
+
+def test_unreadable_samples_are_skipped_and_named(source, selection, tmp_path):
+    bad = selection.copy()
+    bad.loc[1, "parquet_row"] = 99                        # outside the shard
+    bad.loc[2, "parquet_row"] = (bad.loc[2, "parquet_row"] + 1) % 3   # another sample's row group
+    local, skipped = mirror.copy_samples(source, bad, tmp_path / "copy")
+    assert list(local["product_id"]) == list(bad.product_id[[0, 3]])
+    assert [s["product_id"] for s in skipped] == list(bad.product_id[[1, 2]])
+    assert [s["grid_cell"] for s in skipped] == list(bad.grid_cell[[1, 2]])
+    assert "parquet_row 99" in skipped[0]["reason"] and bad.product_id[1] in skipped[0]["reason"]
+    assert "not the metadata's sample" in skipped[1]["reason"]
+    copy, meta = mirror.open_copy(tmp_path / "copy")
+    assert pq.ParquetFile(copy.shard_path(meta.parquet_url[0])).num_row_groups == 2
+
+
+def test_recopy_replaces_the_sample_file_and_removes_stale_ones(source, selection, tmp_path):
+    out = tmp_path / "copy"
+    first, _ = mirror.copy_samples(source, selection, out)
+    again, _ = mirror.copy_samples(source, selection, out)
+    assert again.parquet_url[0] == first.parquet_url[0]   # named by content
+    fewer, _ = mirror.copy_samples(source, selection.iloc[:2], out)
+    files = sorted(p.name for p in (out / "images").iterdir())
+    assert files == [fewer.parquet_url[0].removeprefix("images/")] != [first.parquet_url[0]]
+    assert len(mirror.open_copy(out)[1]) == 2
+
+
+def test_empty_selection_and_missing_copy(source, selection, tmp_path):
+    local, skipped = mirror.copy_samples(source, selection.iloc[:0], tmp_path / "copy")
+    assert local.empty and skipped == [] and list(local.columns) == list(selection.columns)
+    assert list((tmp_path / "copy" / "images").iterdir()) == []
+    assert mirror.open_copy(tmp_path / "copy")[1].empty
+    with pytest.raises(FileNotFoundError, match="no local sample copy"):
+        mirror.open_copy(tmp_path / "nowhere")
