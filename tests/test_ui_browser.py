@@ -200,6 +200,7 @@ def test_pca_map_page_renders_the_map_image(served):
     table = page.table()
     cells = pq.read_table(served.embeddings_file, columns=["grid_cell"])["grid_cell"]
     png = served.home / "maps" / ui.MODEL / "pca.png"
+    preview = served.home / "maps" / ui.MODEL / "pca_preview.png"
     assert int(table["cells"]) == len(pc.unique(cells)) == len(ui.CELLS)
     assert table["png"] == str(png.resolve())
 
@@ -208,11 +209,11 @@ def test_pca_map_page_renders_the_map_image(served):
     maps = [img for img in dialog.images if img.get("src", "").startswith("data:image/png;base64,")]
     assert len(maps) == 1, dialog.images
     shown = base64.b64decode(maps[0]["src"].split(",", 1)[1])
-    assert shown == png.read_bytes()  # the UI shows exactly the map file
+    assert shown == preview.read_bytes()  # the UI shows exactly the preview file (full map: `png`)
     # and the browser decoded it at the file's size (a broken image has naturalWidth 0)
     decoded = served.browser.evaluate(
         "Array.from(document.querySelector('[role=dialog]').querySelectorAll('img'))"
         ".map(i => [i.naturalWidth, i.naturalHeight])"
     )
-    with Image.open(png) as image:
-        assert decoded == [[image.width, image.height]]
+    with Image.open(preview) as image:
+        assert decoded == [[image.width, image.height]] == [[960, 480]]

@@ -1,8 +1,11 @@
 """Global PCA map per model: one unpartitioned asset over every grid row's embeddings.
 
 It depends on all row partitions of the model's embeddings and streams their files through
-`vectors.pca` (the library fits incrementally and never loads all rows at once). The map PNG is
-embedded in the materialisation (base64 data URI) so the UI shows it without file access.
+`vectors.pca` (the library fits incrementally and never loads all rows at once). The UI cannot
+show the 2048 px map whole (Dagster draws the image at natural size in a ~1200 px dialog), so the
+materialisation embeds a 960 × 480 preview (base64 data URI, also saved as `pca_preview.png`),
+with a zoomed inset when the cells are clustered, and links the full-resolution PNG by path. The
+key numbers are separate plain entries so the UI lists and plots them.
 """
 
 import dagster as dg
@@ -28,7 +31,9 @@ def build_pca_map_asset(model: str) -> dg.AssetsDefinition:
         op_tags=io_step_tags(),
     )
     def _pca_map(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+        from majortom_assets.geoparquet import RANDOM_WEIGHTS_WARNING, read_info
         from majortom_assets.vectors import pca  # heavy; only steps that map import it
+        from majortom_assets.vectors.pca_map import write_preview
 
         files = storage.layout.embedding_files(model)
         if not files:
@@ -39,25 +44,34 @@ def build_pca_map_asset(model: str) -> dg.AssetsDefinition:
             )
         out_dir = storage.layout.map_dir(model)
         out_dir.mkdir(parents=True, exist_ok=True)
-        fitted = pca.StreamingPCA(n_components=3).fit_files(files, central_only=True)
+        central_only = True  # the paper's Figure 4: one fragment per cell, the central one
+        fitted = pca.StreamingPCA(n_components=3).fit_files(files, central_only=central_only)
         png, values, tif = out_dir / "pca.png", out_dir / "pca.parquet", out_dir / "pca.tif"
         result = pca.pca_rgb_map(files, fitted, png, values, tif)
+        preview_png = out_dir / "pca_preview.png"
+        preview = write_preview(values, preview_png)
         fitted.save(out_dir / "pca_model.npz")
-        return dg.MaterializeResult(
-            metadata={
-                "map": presentation.png_markdown(png, f"{model} PCA map"),
-                "png": dg.MetadataValue.path(str(png)),
-                "values (GeoParquet)": dg.MetadataValue.path(str(values)),
-                "values (GeoTIFF)": dg.MetadataValue.path(str(tif)),
-                "rows (files)": len(files),
-                "cells": int(result["cells"]),
-                "fragments fitted": int(result["n_samples"]),
-                "explained variance ratio": dg.MetadataValue.json(
-                    [round(v, 4) for v in result["explained_variance_ratio"]]
-                ),
-                **presentation.file_metadata(out_dir),
-            }
-        )
+        ratio = [float(v) for v in result["explained_variance_ratio"]]
+        random_weights = any(read_info(f).random_weights for f in files)
+        caption = f"{preview.caption()}. Full resolution ({result['width']}×{result['height']}): `{png}`"
+        metadata = {
+            "map": presentation.png_markdown(preview_png, f"{model} PCA map", caption),
+            "png": dg.MetadataValue.path(str(png)),
+            "preview (PNG)": dg.MetadataValue.path(str(preview_png)),
+            "values (GeoParquet)": dg.MetadataValue.path(str(values)),
+            "values (GeoTIFF)": dg.MetadataValue.path(str(tif)),
+            "rows (files)": len(files),
+            "cells": int(result["cells"]),
+            "fit on": "central fragments" if central_only else "all fragments",
+            "fragments fitted": int(result["n_samples"]),
+            "explained variance ratio": dg.MetadataValue.json([round(v, 4) for v in ratio]),
+            **{f"explained variance ratio PC{i + 1}": round(v, 6) for i, v in enumerate(ratio)},
+            "explained variance ratio (PC1-3)": round(sum(ratio), 6),
+            "random weights": random_weights,
+        }
+        if random_weights:
+            metadata["WARNING"] = dg.MetadataValue.text(RANDOM_WEIGHTS_WARNING)
+        return dg.MaterializeResult(metadata={**metadata, **presentation.file_metadata(out_dir)})
 
     return _pca_map
 

@@ -57,7 +57,14 @@ def file_metadata(path: Path, label: str = "path") -> dict[str, Any]:
     return {label: dg.MetadataValue.path(str(path)), f"{label} size (MB)": round(size / 1e6, 3)}
 
 
-def png_markdown(png_path: Path, title: str) -> dg.MetadataValue:
-    """The PNG itself inline (base64 data URI) so the UI shows the map without file access."""
+def png_markdown(png_path: Path, title: str, caption: str | None = None) -> dg.MetadataValue:
+    """The PNG itself inline (base64 data URI) so the UI shows the map without file access.
+
+    Pass a preview sized for the UI's dialog (about 1200 px wide): Dagster shows the image at its
+    natural size, so a wider one is cut off. `caption` (plain text) goes under the image.
+    """
     data = base64.b64encode(png_path.read_bytes()).decode("ascii")
-    return dg.MetadataValue.md(f"![{title}](data:image/png;base64,{data})")
+    text = f"![{title}](data:image/png;base64,{data})"
+    if caption:
+        text += "\n\n" + caption.replace("\n", " ")
+    return dg.MetadataValue.md(text)
