@@ -158,44 +158,35 @@ def executor_from_env(environ: Mapping[str, str] | None = None):
     return k8s_job_executor
 
 
+def _step_tags(
+    compute: str, queue: str, requests: dict[str, str], limits: dict[str, str], **pod_spec: Any
+) -> dict[str, Any]:
+    """One step's placement for every executor: the compute tag, its Celery queue and its k8s pod."""
+    k8s: dict[str, Any] = {"container_config": {"resources": {"requests": requests, "limits": limits}}}
+    if pod_spec:
+        k8s["pod_spec_config"] = pod_spec
+    return {COMPUTE_TAG: compute, CELERY_QUEUE_TAG: queue, K8S_CONFIG_TAG: k8s}
+
+
 def gpu_step_tags(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """``op_tags`` for embedding steps: GPU Celery queue, one GPU per Kubernetes step pod."""
     settings = DeploymentSettings.from_env(environ)
-    return {
-        COMPUTE_TAG: "gpu",
-        CELERY_QUEUE_TAG: settings.celery_gpu_queue,
-        K8S_CONFIG_TAG: {
-            "container_config": {
-                "resources": {
-                    "requests": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"},
-                    "limits": {"memory": "24Gi", "nvidia.com/gpu": "1"},
-                }
-            },
-            "pod_spec_config": {
-                "node_selector": dict(settings.k8s_gpu_node_selector),
-                "tolerations": [
-                    {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
-                ],
-            },
-        },
-    }
+    return _step_tags(
+        "gpu",
+        settings.celery_gpu_queue,
+        requests={"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"},
+        limits={"memory": "24Gi", "nvidia.com/gpu": "1"},
+        node_selector=dict(settings.k8s_gpu_node_selector),
+        tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    )
 
 
 def io_step_tags(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """``op_tags`` for download / decode / map steps: default Celery queue, a small CPU pod."""
     settings = DeploymentSettings.from_env(environ)
-    return {
-        COMPUTE_TAG: "io",
-        CELERY_QUEUE_TAG: settings.celery_queue,
-        K8S_CONFIG_TAG: {
-            "container_config": {
-                "resources": {
-                    "requests": {"cpu": "1", "memory": "4Gi"},
-                    "limits": {"memory": "8Gi"},
-                }
-            }
-        },
-    }
+    return _step_tags(
+        "io", settings.celery_queue, requests={"cpu": "1", "memory": "4Gi"}, limits={"memory": "8Gi"}
+    )
 
 
 def gpu_run_tags() -> dict[str, str]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -460,6 +461,38 @@ def parse_cell_name(name: str) -> tuple[int, int]:
         return parse_row_name(row_text), parse_col_name(col_text)
     except ValueError as err:
         raise ValueError(f"invalid cell name {str(name)!r}: {err}") from None
+
+
+def _parse_listed(names: Iterable[Any], parse: Callable[[Any], Any], field: str, what: str) -> list[Any]:
+    values = []
+    for name in names:
+        try:
+            values.append(parse(name))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{field}: {name!r} is not a grid {what} ({exc})") from None
+    return values
+
+
+def parse_row_names(names: Iterable[Any], field: str = "rows") -> list[int]:
+    """Rows of a user-given list (config, filter, CLI); one ValueError, for configs and filters
+    alike, that quotes the bad name so a typo in a long list is found."""
+    return _parse_listed(names, parse_row_name, field, "row name such as '136U' or '12D'")
+
+
+def parse_cell_list(names: Iterable[Any], field: str = "cells") -> list[tuple[int, int]]:
+    """(row, col) of a user-given list of cell names, with parse_row_names' error."""
+    return _parse_listed(names, parse_cell_name, field, "cell name such as '136U_496R'")
+
+
+def check_bbox(bbox: Sequence[float]) -> Sequence[float]:
+    """A (min_lon, min_lat, max_lon, max_lat) filter box; min_lon > max_lon is allowed (it crosses
+    the antimeridian), everything else out of range is a ValueError quoting the values."""
+    min_lon, min_lat, max_lon, max_lat = bbox
+    if not all(-180.0 <= v <= 180.0 for v in (min_lon, max_lon)):
+        raise ValueError(f"bbox longitudes must lie in [-180, 180], got {min_lon}, {max_lon}")
+    if not (-90.0 <= min_lat <= max_lat <= 90.0):
+        raise ValueError(f"bbox latitudes must satisfy -90 <= min_lat <= max_lat <= 90, got {min_lat}, {max_lat}")
+    return bbox
 
 
 def _parse_signed_parts(parts: np.ndarray, positive: str, negative: str) -> tuple[np.ndarray, np.ndarray]:

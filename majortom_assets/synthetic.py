@@ -131,24 +131,14 @@ class SyntheticConfig(BaseModel):
     def _cells(cls, cells):
         if cells is None:
             return None
-        out = []
-        for name in cells:
-            try:
-                out.append(grid.cell_name(*grid.parse_cell_name(name)))
-            except ValueError as exc:
-                raise ValueError(f"bad cell {name!r}: {exc}") from None
-        return out
+        return [grid.cell_name(row, col) for row, col in grid.parse_cell_list(cells)]
 
     @field_validator("rows")
     @classmethod
     def _rows(cls, rows):
         if rows is None:
             return None
-        for name in rows:
-            try:
-                grid.parse_row_name(name)
-            except ValueError as exc:
-                raise ValueError(f"bad row {name!r}: {exc}") from None
+        grid.parse_row_names(rows)
         return list(rows)
 
     @field_validator("size")

@@ -24,16 +24,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from dagster_helpers import local_env, local_resources, materialize, pipeline_assets
 
 from majortom_assets import geoparquet, synthetic
 from majortom_assets.defs import keys
-from majortom_assets.defs.checks import build_embedding_checks
 from majortom_assets.defs.embeddings import build_embeddings_asset
-from majortom_assets.defs.fragments import build_fragments_asset
 from majortom_assets.defs.maps import build_pca_map_asset
 from majortom_assets.defs.partitions import register_rows
-from majortom_assets.defs.resources import MajorTomSettings, build_resources
-from majortom_assets.defs.shards import build_core_metadata_asset, build_core_shards_asset
 from majortom_assets.demo import prepare_dagster_home
 from majortom_assets.fragment import fragment_layout
 
@@ -68,42 +65,13 @@ def make_home(root: Path) -> Path:
 
 
 def env_for(home: Path, dagster_home: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "MAJORTOM_HOME": str(home),
-        "DAGSTER_HOME": str(dagster_home),
-        "MAJORTOM_ENV": "local",
-        "MAJORTOM_MODELS": MODEL,
-        "MAJORTOM_IMAGE_SIZE": str(SIZE),
-        "MAJORTOM_BATCH_SIZE": "8",
-        "MAJORTOM_EXECUTOR": "in_process",
-    }
+    return local_env(home, dagster_home, MODEL, SIZE)
 
 
 @pytest.fixture(scope="module")
 def graph(tmp_path_factory):
     home = make_home(tmp_path_factory.mktemp("home"))
-    settings = MajorTomSettings(home=home, models=(MODEL,), image_size=SIZE, batch_size=8)
-    assets = [
-        build_core_metadata_asset("S2L2A"),
-        build_core_shards_asset("S2L2A"),
-        build_fragments_asset(224, ("S2L2A",)),
-        build_embeddings_asset(MODEL),
-        build_embedding_checks(MODEL),
-        build_pca_map_asset(MODEL),
-    ]
-    return home, assets, build_resources(settings)
-
-
-def _run(assets, resources, instance, selection, partition=None):
-    return dg.materialize(
-        assets,
-        instance=instance,
-        resources=resources,
-        selection=selection,
-        partition_key=partition,
-        raise_on_error=False,
-    )
+    return home, pipeline_assets("S2L2A", MODEL), local_resources(home, MODEL, SIZE)
 
 
 def test_asset_graph_materialises_end_to_end_and_isolates_failures(graph):
@@ -111,10 +79,10 @@ def test_asset_graph_materialises_end_to_end_and_isolates_failures(graph):
     row_assets = [keys.core_shards_key("S2L2A"), keys.fragments_key(224), keys.embeddings_key(MODEL)]
     with dg.instance_for_test() as instance:
         register_rows(instance, [GOOD_ROW, BAD_ROW])
-        assert _run(assets, resources, instance, [keys.core_metadata_key("S2L2A")]).success
-        good = _run(assets, resources, instance, row_assets, GOOD_ROW)
-        bad = _run(assets, resources, instance, row_assets, BAD_ROW)
-        pca = _run(assets, resources, instance, [keys.pca_map_key(MODEL)])
+        assert materialize(assets, resources, instance, [keys.core_metadata_key("S2L2A")]).success
+        good = materialize(assets, resources, instance, row_assets, GOOD_ROW)
+        bad = materialize(assets, resources, instance, row_assets, BAD_ROW)
+        pca = materialize(assets, resources, instance, [keys.pca_map_key(MODEL)])
 
         # the failing sample is reported while its partition succeeds
         assert good.success
@@ -213,18 +181,12 @@ def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("served")
     home = make_home(root / "home")
     dagster_home = prepare_dagster_home(root / "dagster_home")
-    settings = MajorTomSettings(home=home, models=(MODEL,), image_size=SIZE, batch_size=8)
-    assets = [
-        build_core_metadata_asset("S2L2A"),
-        build_core_shards_asset("S2L2A"),
-        build_fragments_asset(224, ("S2L2A",)),
-        build_embeddings_asset(MODEL),
-    ]
+    assets = pipeline_assets("S2L2A", MODEL, products=False)
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
         register_rows(instance, [GOOD_ROW])
-        resources = build_resources(settings)
-        assert _run(assets, resources, instance, [keys.core_metadata_key("S2L2A")]).success
-        assert _run(assets, resources, instance, [a.key for a in assets[1:]], GOOD_ROW).success
+        resources = local_resources(home, MODEL, SIZE)
+        assert materialize(assets, resources, instance, [keys.core_metadata_key("S2L2A")]).success
+        assert materialize(assets, resources, instance, [a.key for a in assets[1:]], GOOD_ROW).success
     return home, dagster_home
 
 

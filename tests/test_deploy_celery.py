@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from test_deploy_support import (
+from deploy_support import (
     REPO,
     ROW_CHAIN,
     ensure_service,
@@ -24,9 +24,10 @@ from test_deploy_support import (
     postgres_instance_home,
     project_env,
     register_rows,
+    synthetic_rows,
 )
 
-from majortom_assets import geoparquet, synthetic
+from majortom_assets import geoparquet
 from majortom_assets.fragment import fragment_layout
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
@@ -67,8 +68,7 @@ def test_row_partitions_run_in_a_celery_worker_on_their_queues(tmp_path, monkeyp
     tag = uuid.uuid4().hex[:8]
     io_queue, gpu_queue, worker_name = f"mt-{tag}-io", f"mt-{tag}-gpu", f"majortom-test-{tag}"
     home = tmp_path / "home"
-    synthetic.generate_collection(home / "collections" / "Core-S2L2A", "S2L2A", rows=ROWS, cells_per_row=2,
-                                  size=384, seed=11, samples_per_shard=4)
+    synthetic_rows(home, ROWS, cells_per_row=2, seed=11)
 
     with postgres_database() as db:
         pg_env = postgres_instance_home(tmp_path / "dagster_home", db)

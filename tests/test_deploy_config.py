@@ -16,7 +16,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 import yaml
-from test_deploy_support import REPO
+from deploy_support import REPO
 
 from majortom_assets import deployment
 from majortom_assets.deployment import (

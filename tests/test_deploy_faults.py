@@ -19,17 +19,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_deploy_support import (
+from deploy_support import (
     REPO,
     ROW_CHAIN,
     driver_command,
+    local_deployment,
     materialize,
     parse_driver,
-    project_env,
-    register_rows,
 )
 
-from majortom_assets import geoparquet, synthetic
+from majortom_assets import geoparquet
 from majortom_assets.defs.storage import StorageLayout
 
 pytestmark = pytest.mark.slow
@@ -42,12 +41,7 @@ MODEL = "dinov2-rgb"
 def deployment(tmp_path_factory):
     """A storage root whose row 7U is ready to embed (metadata, shards, fragments done)."""
     root = tmp_path_factory.mktemp("faults")
-    home, dagster_home = root / "home", root / "dagster_home"
-    dagster_home.mkdir()
-    synthetic.generate_collection(home / "collections" / "Core-S2L2A", "S2L2A", rows=[ROW], cells_per_row=6,
-                                  timestamps=2, size=384, seed=21, samples_per_shard=4)
-    env = project_env(home, dagster_home)
-    register_rows(dagster_home, [ROW], env)
+    home, _, env = local_deployment(root, ROW, cells_per_row=6, timestamps=2, seed=21)
     results, output = materialize(env, ["core/s2l2a/metadata"], then=[(ROW_CHAIN, [ROW])])
     assert [r["success"] for r in results] == [True, True], output[-4000:]
     return home, env

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import dagster as dg
 import pytest
-from test_deploy_support import IMAGE_SIZE, postgres_database, postgres_instance_home
+from deploy_support import IMAGE_SIZE, postgres_database, postgres_instance_home, synthetic_rows
 
-from majortom_assets import geoparquet, synthetic
+from majortom_assets import geoparquet
 from majortom_assets.defs import keys
 from majortom_assets.defs.embeddings import build_embeddings_asset
 from majortom_assets.defs.fragments import build_fragments_asset
@@ -45,8 +45,7 @@ def test_materialisations_are_recorded_in_postgres(tmp_path, pg_instance, monkey
 
     monkeypatch.delenv("MAJORTOM_HOME", raising=False)
     home = tmp_path / "home"
-    synthetic.generate_collection(home / "collections" / "Core-S2L2A", "S2L2A", rows=ROWS, cells_per_row=2,
-                                  size=IMAGE_SIZE, seed=5, samples_per_shard=4)
+    synthetic_rows(home, ROWS, cells_per_row=2, seed=5)
     settings = MajorTomSettings(home=home, models=(MODEL,), image_size=IMAGE_SIZE, batch_size=8)
     assets = [build_core_metadata_asset("S2L2A"), build_core_shards_asset("S2L2A"),
               build_fragments_asset(224, ("S2L2A",)), build_embeddings_asset(MODEL)]

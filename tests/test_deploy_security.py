@@ -11,16 +11,16 @@ import dagster as dg
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from test_deploy_support import (
+from deploy_support import (
     REPO,
     ROW_CHAIN,
+    local_deployment,
     materialize,
     project_env,
-    register_rows,
     step_failure_messages,
+    synthetic_rows,
 )
 
-from majortom_assets import synthetic
 from majortom_assets.defs.partitions import register_rows as register_rows_in
 from majortom_assets.defs.storage import StorageLayout, StoragePathError, validate_row_key
 
@@ -62,12 +62,9 @@ def test_the_pickle_detector_finds_pickles():
 def pipeline_run(tmp_path_factory):
     """One real row run with a (fake) Hugging Face token in the environment."""
     root = tmp_path_factory.mktemp("security")
-    home, dagster_home = root / "home", root / "dagster_home"
-    dagster_home.mkdir()
-    synthetic.generate_collection(home / "collections" / "Core-S2L2A", "S2L2A", rows=[ROW], cells_per_row=2,
-                                  size=384, seed=41, samples_per_shard=4)
-    env = project_env(home, dagster_home, HF_TOKEN=FAKE_TOKEN, HUGGING_FACE_HUB_TOKEN=FAKE_TOKEN)
-    register_rows(dagster_home, [ROW], env)
+    home, dagster_home, env = local_deployment(
+        root, ROW, cells_per_row=2, seed=41, HF_TOKEN=FAKE_TOKEN, HUGGING_FACE_HUB_TOKEN=FAKE_TOKEN
+    )
     results, output = materialize(env, ["core/s2l2a/metadata"], then=[(ROW_CHAIN, [ROW]), (["maps/dinov2_rgb/pca"], None)])
     assert [r["success"] for r in results] == [True, True, True], output[-4000:]
     return home, dagster_home, results, output
@@ -132,8 +129,7 @@ def test_a_smuggled_partition_key_fails_its_run_and_writes_nothing_outside(tmp_p
     """Even a key added to the instance behind the sensor's back never reaches the file system."""
     home, dagster_home = tmp_path / "root" / "home", tmp_path / "dagster_home"
     dagster_home.mkdir()
-    synthetic.generate_collection(home / "collections" / "Core-S2L2A", "S2L2A", rows=[ROW], cells_per_row=1,
-                                  size=384, seed=43, samples_per_shard=4)
+    synthetic_rows(home, [ROW], cells_per_row=1, seed=43)
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
         instance.add_dynamic_partitions("grid_rows", ["../../escape"])
     env = project_env(home, dagster_home)

@@ -13,12 +13,15 @@ from majortom_assets.grid import (
     EARTH_RADIUS_KM,
     Grid,
     cell_name,
+    check_bbox,
     col_name,
     get_grid,
+    parse_cell_list,
     parse_cell_name,
     parse_cell_names,
     parse_col_name,
     parse_row_name,
+    parse_row_names,
     row_name,
     utm_epsg_for_latlon,
 )
@@ -378,6 +381,35 @@ def test_parse_row_name_errors_quote_the_text(bad):
         parse_row_name(bad)
     assert repr(bad) in str(err.value)
 
+
+
+def test_name_lists_parse_to_signed_numbers():
+    assert parse_row_names(["136U", "12D", "0U"]) == [136, -12, 0]
+    assert parse_cell_list(["136U_496R", "1D_3L"]) == [(136, 496), (-1, -3)]
+    assert parse_row_names([]) == [] and parse_cell_list(()) == []
+
+
+@pytest.mark.parametrize("bad", ["12X", "007U", "", 7, None])
+def test_row_list_error_names_the_list_and_quotes_the_bad_entry(bad):
+    with pytest.raises(ValueError) as err:  # a non-string (TypeError inside) surfaces as ValueError too
+        parse_row_names(["136U", bad], field="filter rows")
+    assert str(err.value).startswith(f"filter rows: {bad!r} is not a grid row name")
+
+
+def test_cell_list_error_quotes_the_bad_entry():
+    with pytest.raises(ValueError, match=r"^cells: '136U-496R' is not a grid cell name"):
+        parse_cell_list(["1U_1R", "136U-496R"])
+
+
+def test_check_bbox_accepts_antimeridian_boxes_and_names_the_bad_axis():
+    assert check_bbox((179.0, -5.0, -179.0, 5.0)) == (179.0, -5.0, -179.0, 5.0)
+    assert check_bbox([-180, -90, 180, 90]) == [-180, -90, 180, 90]
+    with pytest.raises(ValueError, match="latitudes .* got 10, 5"):
+        check_bbox((0, 10, 1, 5))
+    with pytest.raises(ValueError, match="latitudes .* got -91, 0"):
+        check_bbox((0, -91, 1, 0))
+    with pytest.raises(ValueError, match=r"longitudes must lie in \[-180, 180\], got 0, 190"):
+        check_bbox((0, 0, 190, 10))
 
 BAD_CELLS = [
     "1U",

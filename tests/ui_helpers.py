@@ -358,32 +358,20 @@ CELLS = ("195D_1911L", "195D_0R", "195D_1910R")  # both ends of the row (next to
 
 def runtime_env(home: Path, dagster_home: Path) -> dict[str, str]:
     """The environment the webserver's code location reads its settings from."""
-    return {
-        **os.environ,
-        "MAJORTOM_HOME": str(home),
-        "DAGSTER_HOME": str(dagster_home),
-        "MAJORTOM_ENV": "local",
-        "MAJORTOM_MODELS": MODEL,
-        "MAJORTOM_IMAGE_SIZE": str(IMAGE_SIZE),
-        "MAJORTOM_BATCH_SIZE": "8",
-        "MAJORTOM_EXECUTOR": "in_process",
-    }
+    from dagster_helpers import local_env
+
+    return local_env(home, dagster_home, MODEL, IMAGE_SIZE)
 
 
 def materialise_small_graph(root: Path) -> tuple[Path, Path]:
     """Synthetic Core-S2L2A (one row, two cells, 384 px), then core metadata -> shards ->
     fragments -> DINOv2 embeddings (with checks) -> PCA map into a persistent DAGSTER_HOME."""
     import dagster as dg
+    from dagster_helpers import local_resources, materialize, pipeline_assets
 
     from majortom_assets import synthetic
     from majortom_assets.defs import keys
-    from majortom_assets.defs.checks import build_embedding_checks
-    from majortom_assets.defs.embeddings import build_embeddings_asset
-    from majortom_assets.defs.fragments import build_fragments_asset
-    from majortom_assets.defs.maps import build_pca_map_asset
     from majortom_assets.defs.partitions import register_rows
-    from majortom_assets.defs.resources import MajorTomSettings, build_resources
-    from majortom_assets.defs.shards import build_core_metadata_asset, build_core_shards_asset
     from majortom_assets.demo import prepare_dagster_home
 
     home = root / "home"
@@ -391,16 +379,8 @@ def materialise_small_graph(root: Path) -> tuple[Path, Path]:
         home / "collections" / f"Core-{SOURCE}", SOURCE, cells=list(CELLS), size=IMAGE_SIZE, seed=5
     )
     dagster_home = prepare_dagster_home(root / "dagster_home")
-    settings = MajorTomSettings(home=home, models=(MODEL,), image_size=IMAGE_SIZE, batch_size=8)
-    assets = [
-        build_core_metadata_asset(SOURCE),
-        build_core_shards_asset(SOURCE),
-        build_fragments_asset(224, (SOURCE,)),
-        build_embeddings_asset(MODEL),
-        build_embedding_checks(MODEL),
-        build_pca_map_asset(MODEL),
-    ]
-    resources = build_resources(settings)
+    assets = pipeline_assets(SOURCE, MODEL)
+    resources = local_resources(home, MODEL, IMAGE_SIZE)
     row_keys = [keys.core_shards_key(SOURCE), keys.fragments_key(224), keys.embeddings_key(MODEL)]
     steps = (
         ([keys.core_metadata_key(SOURCE)], None),
@@ -410,15 +390,7 @@ def materialise_small_graph(root: Path) -> tuple[Path, Path]:
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
         register_rows(instance, [ROW])
         for selection, partition in steps:
-            result = dg.materialize(
-                assets,
-                instance=instance,
-                resources=resources,
-                selection=selection,
-                partition_key=partition,
-                raise_on_error=False,
-            )
-            if not result.success:
+            if not materialize(assets, resources, instance, selection, partition).success:
                 raise RuntimeError(f"materialising {selection} ({partition}) failed")
     return home, dagster_home
 

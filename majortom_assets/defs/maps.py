@@ -12,36 +12,26 @@ import dagster as dg
 
 from majortom_assets.defs import keys, presentation
 from majortom_assets.defs.resources import StorageResource, load_settings
-from majortom_assets.deployment import io_step_tags
+from majortom_assets.defs.vectors import any_random_weights, embedding_files, embeddings_product
 from majortom_assets.models.spec import MODEL_SPECS
 
 
 def build_pca_map_asset(model: str) -> dg.AssetsDefinition:
     spec = MODEL_SPECS[model]
 
-    @dg.asset(
-        key=keys.pca_map_key(model),
-        group_name="maps",
-        kinds={"png", "geoparquet", "geotiff"},
+    @embeddings_product(
+        model, keys.pca_map_key(model), group="maps", kinds={"png", "geoparquet", "geotiff"},
         description=(
             f"World map of {model} embeddings: first three principal components of each cell's central "
             f"{spec.fragment_size} px fragment as RGB (PNG), with the values as GeoParquet and GeoTIFF."
         ),
-        deps=[keys.embeddings_key(model)],
-        op_tags=io_step_tags(),
     )
     def _pca_map(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
-        from majortom_assets.geoparquet import RANDOM_WEIGHTS_WARNING, read_info
+        from majortom_assets.geoparquet import RANDOM_WEIGHTS_WARNING
         from majortom_assets.vectors import pca  # heavy; only steps that map import it
         from majortom_assets.vectors.pca_map import write_preview
 
-        files = storage.layout.embedding_files(model)
-        if not files:
-            raise dg.Failure(
-                f"no {model} embedding files under {storage.layout.embeddings_dir(model)}; "
-                f"materialise {keys.embeddings_key(model).to_user_string()} first",
-                allow_retries=False,
-            )
+        files = embedding_files(storage, model)
         out_dir = storage.layout.map_dir(model)
         out_dir.mkdir(parents=True, exist_ok=True)
         central_only = True  # the paper's Figure 4: one fragment per cell, the central one
@@ -52,7 +42,7 @@ def build_pca_map_asset(model: str) -> dg.AssetsDefinition:
         preview = write_preview(values, preview_png)
         fitted.save(out_dir / "pca_model.npz")
         ratio = [float(v) for v in result["explained_variance_ratio"]]
-        random_weights = any(read_info(f).random_weights for f in files)
+        random_weights = any_random_weights(files)
         caption = f"{preview.caption()}. Full resolution ({result['width']}×{result['height']}): `{png}`"
         metadata = {
             "map": presentation.png_markdown(preview_png, f"{model} PCA map", caption),

@@ -15,7 +15,8 @@ from majortom_assets.models.spec import MODEL_SPECS
 INDEX_KIND = None
 
 
-def _embedding_files(storage: StorageResource, model: str):
+def embedding_files(storage: StorageResource, model: str):
+    """Every row file of the model's embeddings, or a Failure naming the asset to run first."""
     files = storage.layout.embedding_files(model)
     if not files:
         raise dg.Failure(
@@ -26,26 +27,34 @@ def _embedding_files(storage: StorageResource, model: str):
     return files
 
 
-def _random_weights(files) -> str | None:
-    """The warning to put above a report of random-weight embeddings, or None."""
-    from majortom_assets.geoparquet import RANDOM_WEIGHTS_WARNING, read_info
+def any_random_weights(files) -> bool:
+    """Whether any file came from untrained weights: a product built on them must say so."""
+    from majortom_assets.geoparquet import read_info
 
-    return RANDOM_WEIGHTS_WARNING if any(read_info(f).random_weights for f in files) else None
+    return any(read_info(f).random_weights for f in files)
+
+
+def embeddings_product(model: str, key: dg.AssetKey, *, group: str, kinds: set[str], description: str):
+    """The asset decorator of an unpartitioned product of all the model's embeddings (an IO step)."""
+    return dg.asset(
+        key=key,
+        group_name=group,
+        kinds=kinds,
+        description=description,
+        deps=[keys.embeddings_key(model)],
+        op_tags=io_step_tags(),
+    )
 
 
 def build_index_asset(model: str) -> dg.AssetsDefinition:
-    @dg.asset(
-        key=keys.index_key(model),
-        group_name="vectors",
-        kinds={"faiss"},
+    @embeddings_product(
+        model, keys.index_key(model), group="vectors", kinds={"faiss"},
         description=f"Similarity index over every {model} fragment embedding (query by vector, cell, unique_id or point).",
-        deps=[keys.embeddings_key(model)],
-        op_tags=io_step_tags(),
     )
     def _index(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
         from majortom_assets.vectors import search
 
-        files = _embedding_files(storage, model)
+        files = embedding_files(storage, model)
         out_dir = storage.layout.index_dir(model)
         manifest = search.build_index(files, out_dir, kind=INDEX_KIND, model=model)
         index = search.SearchIndex.load(out_dir)  # proves the persisted index opens
@@ -65,18 +74,14 @@ def build_index_asset(model: str) -> dg.AssetsDefinition:
 
 
 def build_export_asset(model: str, precision: str) -> dg.AssetsDefinition:
-    @dg.asset(
-        key=keys.export_key(model, precision),
-        group_name="vectors",
-        kinds={"numpy"},
+    @embeddings_product(
+        model, keys.export_key(model, precision), group="vectors", kinds={"numpy"},
         description=f"{model} embeddings as memory-mappable {precision} (with the per-row metadata to join back).",
-        deps=[keys.embeddings_key(model)],
-        op_tags=io_step_tags(),
     )
     def _export(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
         from majortom_assets.vectors import quantize
 
-        files = _embedding_files(storage, model)
+        files = embedding_files(storage, model)
         out_dir = storage.layout.export_dir(model, precision)
         manifest = quantize.export(files, out_dir, precision=precision, model=model)
         flat = quantize.FlatEmbeddings.open(out_dir)  # proves the export memory-maps
@@ -97,20 +102,16 @@ def build_export_asset(model: str, precision: str) -> dg.AssetsDefinition:
 def build_evaluation_asset(model: str) -> dg.AssetsDefinition:
     spec = MODEL_SPECS[model]
 
-    @dg.asset(
-        key=keys.evaluation_key(model),
-        group_name="vectors",
-        kinds={"sklearn"},
+    @embeddings_product(
+        model, keys.evaluation_key(model), group="vectors", kinds={"sklearn"},
         description=f"Linear-probe evaluation of {model} embeddings against the collection's land-cover labels.",
-        deps=[keys.embeddings_key(model)],
-        op_tags=io_step_tags(),
     )
     def _evaluation(
         context: dg.AssetExecutionContext, storage: StorageResource, collections: CollectionsResource
     ) -> dg.MaterializeResult:
         from majortom_assets.vectors import evaluate
 
-        files = _embedding_files(storage, model)
+        files = embedding_files(storage, model)
         collection = collections.open(spec.source)
         labels_path = f"{collection.root.rstrip('/')}/labels.parquet"
         if not collection.fs.exists(labels_path):
@@ -128,9 +129,10 @@ def build_evaluation_asset(model: str) -> dg.AssetsDefinition:
         out_dir = storage.layout.report_dir(model)
         written = report.write(out_dir)
         markdown = report.to_markdown()
-        warning = _random_weights(files)
-        if warning:
-            markdown = f"**{warning}**\n\n{markdown}"
+        if any_random_weights(files):
+            from majortom_assets.geoparquet import RANDOM_WEIGHTS_WARNING
+
+            markdown = f"**{RANDOM_WEIGHTS_WARNING}**\n\n{markdown}"
         return dg.MaterializeResult(
             metadata={
                 "report": dg.MetadataValue.md(markdown),

@@ -20,9 +20,10 @@ from majortom_assets.models.base import (
     BuiltModel,
     WeightsUnavailableError,
     identity_for,
-    load_state_file,
-    load_strict,
+    load_weights_file,
     offline,
+    random_weights_name,
+    refuse_tiny_pretrained,
     seeded,
     weights_kind,
 )
@@ -45,9 +46,8 @@ def build_hf(
     kind = weights_kind(weights)
     config_values = tiny_config if tiny else full_config
     arch = f"{model_class.__name__}({'tiny' if tiny else spec.default_weights} config)"
+    refuse_tiny_pretrained(kind, tiny)
     if kind == "pretrained":
-        if tiny:
-            raise ValueError("tiny models have no pretrained weights; use weights='random' or a file")
         backbone = _from_pretrained(model_class, spec.default_weights)
         name, random, source = spec.default_weights, False, f"hf://{spec.default_weights}"
     elif kind == "folder":
@@ -58,10 +58,9 @@ def build_hf(
         with seeded(seed):
             backbone = model_class(config_class(**config_values))
         if kind == "random":
-            name, random, source = f"{'tiny-' if tiny else ''}random(seed={seed})", True, f"{arch}, seeded init"
+            name, random, source = random_weights_name(tiny, seed), True, f"{arch}, seeded init"
         else:
-            path = Path(weights).resolve()
-            load_strict(backbone, load_state_file(path), origin=str(path))
+            path = load_weights_file(backbone, weights)
             name, random, source = path.name, False, str(path)
     backbone = backbone.to(torch.float32).eval()
     identity = identity_for(backbone, name=name, random=random, source=source)

@@ -141,6 +141,26 @@ def weights_kind(weights: str | os.PathLike[str]) -> str:
     )
 
 
+def refuse_tiny_pretrained(kind: str, tiny: bool) -> None:
+    """Tiny models are shrunken stand-ins for tests and demos: no published weights fit them."""
+    if kind == "pretrained" and tiny:
+        raise ValueError("tiny models have no pretrained weights; use weights='random' or a file")
+
+
+def random_weights_name(tiny: bool, seed: int) -> str:
+    """The identity name of seeded random weights; the seed makes them reproducible."""
+    return f"{'tiny-' if tiny else ''}random(seed={seed})"
+
+
+def load_weights_file(
+    module: nn.Module, weights: str | os.PathLike[str], *, ignorable: frozenset[str] = frozenset()
+) -> Path:
+    """Load a local state-dict file strictly into `module`; returns the resolved path the identity records."""
+    path = Path(weights).resolve()
+    load_strict(module, load_state_file(path), origin=str(path), ignorable=ignorable)
+    return path
+
+
 def offline() -> bool:
     """True when the user asked for no network (HF_HUB_OFFLINE or MAJORTOM_OFFLINE set to 1/true/yes)."""
     return any(os.environ.get(v, "").lower() in {"1", "true", "yes"} for v in ("HF_HUB_OFFLINE", "MAJORTOM_OFFLINE"))

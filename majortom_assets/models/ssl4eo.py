@@ -21,9 +21,11 @@ from majortom_assets.models.base import (
     BuiltModel,
     WeightsUnavailableError,
     identity_for,
-    load_state_file,
     load_strict,
+    load_weights_file,
     offline,
+    random_weights_name,
+    refuse_tiny_pretrained,
     seeded,
     weights_kind,
 )
@@ -88,21 +90,19 @@ def build(spec: ModelSpec, weights: str, *, tiny: bool = False, seed: int = 0) -
     kind = weights_kind(weights)
     if kind == "folder":
         raise ValueError(f"model {spec.name} needs a weights file (.pth/.pt/.safetensors), got folder {weights}")
-    if kind == "pretrained" and tiny:
-        raise ValueError("tiny models have no pretrained weights; use weights='random' or a file")
+    refuse_tiny_pretrained(kind, tiny)
     with seeded(seed):
         module = _resnet(spec.in_channels, tiny)
     arch = "tiny resnet (bottleneck, 1 block/stage, 1/8 width)" if tiny else "timm resnet50"
     if kind == "random":
-        name = f"{'tiny-' if tiny else ''}random(seed={seed})"
+        name = random_weights_name(tiny, seed)
         identity = identity_for(module, name=name, random=True, source=f"{arch}, seeded init")
     elif kind == "pretrained":
         state, url = _pretrained_state(spec)
         load_strict(module, state, origin=url, ignorable=CLASSIFIER_KEYS)
         identity = identity_for(module, name=spec.default_weights, random=False, source=url)
     else:
-        path = Path(weights).resolve()
-        load_strict(module, load_state_file(path), origin=str(path), ignorable=CLASSIFIER_KEYS)
+        path = load_weights_file(module, weights, ignorable=CLASSIFIER_KEYS)
         identity = identity_for(module, name=path.name, random=False, source=str(path))
     return BuiltModel(
         module=module.eval(), weights=identity, embedding_dim=int(module.num_features), prefers_channels_last=True

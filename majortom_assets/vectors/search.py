@@ -91,24 +91,17 @@ class SearchFilter(BaseModel):
     @field_validator("bbox")
     @classmethod
     def _check_bbox(cls, v):
-        if v is None:
-            return v
-        w, s, e, n = v
-        if not (-90 <= s <= n <= 90):
-            raise ValueError(f"bbox latitudes must satisfy -90 <= min_lat <= max_lat <= 90, got {s}, {n}")
-        if not (-180 <= w <= 180 and -180 <= e <= 180):
-            raise ValueError(f"bbox longitudes must lie in [-180, 180], got {w}, {e}")
-        return v
+        from majortom_assets.grid import check_bbox
+
+        return v if v is None else check_bbox(v)
 
     @field_validator("rows")
     @classmethod
     def _check_rows(cls, v):
-        if v is None:
-            return v
-        from majortom_assets.grid import parse_row_name
+        from majortom_assets.grid import parse_row_names
 
-        for name in v:
-            parse_row_name(name)  # ValueError naming the bad row
+        if v is not None:
+            parse_row_names(v)
         return v
 
     @model_validator(mode="after")

@@ -136,6 +136,29 @@ def project_env(home: Path, dagster_home: Path, models: str = "dinov2-rgb", **ex
     return env
 
 
+def synthetic_rows(home: Path, rows: list[str], *, cells_per_row: int, seed: int, timestamps: int = 1) -> Path:
+    """Small Core-S2L2A rows under `home`, where a local code location looks for the collection."""
+    from majortom_assets import synthetic
+
+    return synthetic.generate_collection(
+        home / "collections" / "Core-S2L2A", "S2L2A", rows=rows, cells_per_row=cells_per_row,
+        timestamps=timestamps, size=IMAGE_SIZE, seed=seed, samples_per_shard=4,
+    )
+
+
+def local_deployment(
+    root: Path, row: str, *, cells_per_row: int, seed: int, timestamps: int = 1, **extra_env: str
+) -> tuple[Path, Path, dict[str, str]]:
+    """`root/home` with one synthetic row and `root/dagster_home` that already lists it as a
+    partition, plus the environment of a deployment over them."""
+    home, dagster_home = root / "home", root / "dagster_home"
+    dagster_home.mkdir()
+    synthetic_rows(home, [row], cells_per_row=cells_per_row, seed=seed, timestamps=timestamps)
+    env = project_env(home, dagster_home, **extra_env)
+    register_rows(dagster_home, [row], env)
+    return home, dagster_home, env
+
+
 def driver_command(select: list[str], partitions: list[str] | None = None,
                    then: list[tuple[list[str], list[str] | None]] = ()) -> list[str]:
     batches = [{"select": select, "partitions": partitions}]
