@@ -38,6 +38,19 @@ S2L1C_BANDS: tuple[str, ...] = (
     "B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12",
 )
 S1RTC_BANDS: tuple[str, ...] = ("vv", "vh")
+NOMINAL_PIXEL_M = 10   # the grid every sample is decoded to
+#: Nominal ground resolution (metres) of every Core band: the one source of upsampling factors.
+#: Taken from the sensor, not from each GeoTIFF's pixel size, because the file is what may be
+#: wrong: a 10 m band resampled to 96 px with a matching 40 m geotransform (or a truncated
+#: band with a consistent header) would otherwise be "upsampled" x4 into a plausible image.
+#: The table makes every band's expected size exact: ``size / (resolution / 10)``.
+BAND_RESOLUTION_M: dict[str, int] = {
+    **dict.fromkeys(("B02", "B03", "B04", "B08"), 10),
+    **dict.fromkeys(("B05", "B06", "B07", "B8A", "B11", "B12"), 20),
+    **dict.fromkeys(("B01", "B09", "B10"), 60),
+    "cloud_mask": 10,
+    "vv": 10, "vh": 10,
+}
 S2_MASK_COLUMNS: tuple[str, ...] = ("cloud_mask",)
 METADATA_COLUMNS: tuple[str, ...] = (
     "grid_cell", "grid_row_u", "grid_col_r", "product_id", "timestamp", "cloud_cover", "nodata",
@@ -66,12 +79,93 @@ class SampleError(Exception):
                                                   ("file", self.file)) if v is not None)
         return f"{self.reason} ({where})" if where else self.reason
 
+    def _extra(self) -> dict[str, Any]:
+        """Constructor arguments of a subclass beyond the location (kept by pickling and relabelling)."""
+        return {}
+
+    def located(self, *, product_id: str | None, grid_cell: str | None, file: str | None) -> SampleError:
+        """The same error (same class, reason and band) labelled with the sample it came from."""
+        return type(self)(self.reason, product_id=product_id, grid_cell=grid_cell, band=self.band,
+                          file=file, **self._extra())
+
     def __reduce__(self):   # keep the fields when the error crosses a process boundary
-        return (_rebuild_sample_error, (self.reason, self.product_id, self.grid_cell, self.band, self.file))
+        return (_rebuild_sample_error, (self.reason, self.product_id, self.grid_cell, self.band, self.file,
+                                        type(self), self._extra()))
 
 
-def _rebuild_sample_error(reason, product_id, grid_cell, band, file) -> SampleError:
-    return SampleError(reason, product_id=product_id, grid_cell=grid_cell, band=band, file=file)
+class BandSizeError(SampleError):
+    """A band whose pixel size differs from its nominal resolution's share of the 10 m image.
+
+    ``actual`` / ``expected`` are (height, width) in the band's own pixels; ``side_10m`` is the
+    shorter side the band covers on the 10 m grid, so callers can tell "smaller than a fragment"
+    from any other wrong size.
+    """
+
+    def __init__(self, reason: str, *, actual: tuple[int, int], expected: tuple[int, int],
+                 resolution_m: int, **where: Any) -> None:
+        self.actual, self.expected, self.resolution_m = tuple(actual), tuple(expected), int(resolution_m)
+        super().__init__(reason, **where)
+
+    @property
+    def side_10m(self) -> int:
+        return min(self.actual) * (self.resolution_m // NOMINAL_PIXEL_M)
+
+    def _extra(self) -> dict[str, Any]:
+        return {"actual": self.actual, "expected": self.expected, "resolution_m": self.resolution_m}
+
+
+def _rebuild_sample_error(reason, product_id, grid_cell, band, file, cls=SampleError, extra=None) -> SampleError:
+    return cls(reason, product_id=product_id, grid_cell=grid_cell, band=band, file=file, **(extra or {}))
+
+
+@dataclass(frozen=True)
+class SampleFailure:
+    """A sample that was skipped, at which stage, and why (the reason names band/file when known)."""
+
+    product_id: str
+    grid_cell: str
+    reason: str
+    stage: str = ""   # "shard copy", "decode", "invalid values", "fragment", "output rows"
+
+
+#: Columns of every failures table (the shard copy's and each model partition's).
+FAILURES_SCHEMA = pa.schema([pa.field("product_id", pa.string()), pa.field("grid_cell", pa.string()),
+                             pa.field("stage", pa.string()), pa.field("reason", pa.string())])
+
+
+def failures_table(failures: Sequence[SampleFailure]) -> pa.Table:
+    return pa.table({name: pa.array([getattr(f, name) for f in failures], pa.string())
+                     for name in FAILURES_SCHEMA.names}, schema=FAILURES_SCHEMA)
+
+
+def failures_from_table(table: pa.Table) -> list[SampleFailure]:
+    """Failures back from a table; files written before the ``stage`` column existed read as stage ''."""
+    columns = {name: table.column(name).to_pylist() if name in table.column_names else [""] * table.num_rows
+               for name in FAILURES_SCHEMA.names}
+    return [SampleFailure(*values) for values in zip(columns["product_id"], columns["grid_cell"],
+                                                      columns["reason"], columns["stage"], strict=True)]
+
+
+_LOCATION_SUFFIX = re.compile(r" \((?:product_id|grid_cell|band|file)=[^()]*\)$")
+
+
+def shorten_reason(reason: str, width: int = 240) -> str:
+    """A reason cut to about ``width`` characters (more when its location is long) for a table.
+
+    Only the middle of the message is dropped (long GDAL / Arrow texts): its start (what went
+    wrong, e.g. "10 m band B04 is 96x96 px") and the trailing ``(product_id=..., grid_cell=...,
+    band=..., file=...)`` of a SampleError are always kept whole.
+    """
+    if len(reason) <= width:
+        return reason
+    match = _LOCATION_SUFFIX.search(reason)
+    location = match.group(0) if match else ""
+    message = reason[: len(reason) - len(location)]
+    room = max(120, width - len(location))   # the message keeps a useful start even beside a long path
+    if len(message) > room:
+        head = (room * 2) // 3
+        message = message[:head] + " … " + message[len(message) - (room - head - 3):]
+    return message + location
 
 
 # --------------------------------------------------------------------------------------------
@@ -481,14 +575,29 @@ class _Decoded:
     transform: tuple[float, ...]
 
 
+def band_factor(band: str) -> int:
+    """Upsampling factor of a band to the 10 m grid (1, 2 or 6), from its nominal resolution."""
+    try:
+        return BAND_RESOLUTION_M[band] // NOMINAL_PIXEL_M
+    except KeyError:
+        raise ValueError(f"unknown band {band!r}: no nominal resolution is declared for it "
+                         f"(known: {sorted(BAND_RESOLUTION_M)})") from None
+
+
 def _check_shape(height: int, width: int, count: int, size: int, band: str) -> int:
-    """The band's upsampling factor to the 10 m grid; SampleError for shapes Core never has."""
+    """The band's upsampling factor; SampleError unless the band is exactly size/factor square."""
     if count != 1:
         raise SampleError(f"GeoTIFF has {count} bands, expected 1", band=band)
-    if height != width or height > size or size % height:
-        raise SampleError(f"shape {height}x{width} is not {size}/k x {size}/k for an integer k "
-                          f"(10 m size {size})", band=band)
-    return size // height
+    factor = band_factor(band)
+    resolution = BAND_RESOLUTION_M[band]
+    if size % factor:
+        raise SampleError(f"10 m image size {size} px is not a multiple of the {resolution} m band's "
+                          f"factor {factor}", band=band)
+    side = size // factor
+    if (height, width) != (side, side):
+        raise BandSizeError(f"{resolution} m band {band} is {height}×{width} px, expected {side}×{side}",
+                            actual=(height, width), expected=(side, side), resolution_m=resolution, band=band)
+    return factor
 
 
 def _upsample_into(low: np.ndarray, out: np.ndarray, factor: int) -> None:
@@ -523,7 +632,9 @@ def decode_bands(raw: Mapping[str, Any], bands: Sequence[str], size: int = 1068,
                  dtype: np.dtype | str | None = None) -> tuple[np.ndarray, str, tuple[float, ...]]:
     """Decode GeoTIFF band bytes into ``(len(bands), size, size)`` on the 10 m grid.
 
-    20 m and 60 m bands are upsampled by nearest neighbour (integer block repeat). CRS and
+    Each band must be exactly ``size / factor`` px square, its factor fixed by its nominal
+    resolution (``BAND_RESOLUTION_M``): a band of any other size raises ``BandSizeError`` rather
+    than being stretched. 20 m and 60 m bands are upsampled by nearest neighbour (block repeat). CRS and
     transform come from a 10 m band; if none was requested they are derived from the coarsest
     band's transform (same origin, pixel size divided by its factor).
     """
@@ -533,6 +644,8 @@ def decode_bands(raw: Mapping[str, Any], bands: Sequence[str], size: int = 1068,
     if len(set(bands)) != len(bands):
         raise ValueError(f"bands repeat: {bands}")
     where = {"product_id": product_id, "grid_cell": grid_cell, "file": file}
+    for band in bands:
+        band_factor(band)   # ValueError for a band without a declared resolution, before any work
     for band in bands:
         if band not in raw:
             raise SampleError("band column missing from the sample", band=band, **where)
@@ -549,7 +662,7 @@ def decode_bands(raw: Mapping[str, Any], bands: Sequence[str], size: int = 1068,
         else:
             decoded = list(_pool(workers).map(one, range(len(bands))))
     except SampleError as exc:
-        raise SampleError(exc.reason, band=exc.band, **where) from None
+        raise exc.located(**where) from None
 
     reference = next((d for d in decoded if d.factor == 1), None)
     if reference is None:

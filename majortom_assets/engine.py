@@ -35,7 +35,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from majortom_assets import geoparquet
-from majortom_assets.core import CoreCollection, SampleError
+from majortom_assets.core import (
+    BandSizeError,
+    CoreCollection,
+    SampleError,
+    SampleFailure,
+    failures_from_table,
+    failures_table,
+)
 from majortom_assets.fragment import FragmentLayout, fragment_layout, gather_fragments
 from majortom_assets.models import Embedder, find_invalid_values
 
@@ -89,15 +96,6 @@ class EngineConfig(BaseModel):
         if self.precision == "fp16" and device.type != "cuda":
             raise ValueError("precision fp16 needs a CUDA device; use fp32 or bf16 on CPU")
         return self.precision
-
-
-@dataclass(frozen=True)
-class SampleFailure:
-    """A sample that was skipped, and why (names band/file when the reader knew them)."""
-
-    product_id: str
-    grid_cell: str
-    reason: str
 
 
 @dataclass
@@ -188,20 +186,22 @@ class _Run:
         product_id, grid_cell = str(row.get("product_id")), str(row.get("grid_cell"))
         try:
             sample = self.collection.read_sample(row, self.spec.bands, size=self.config.image_size, max_workers=1)
+        except BandSizeError as exc:
+            return SampleFailure(product_id, grid_cell, self._size_reason(exc), "decode")
         except SampleError as exc:
-            return SampleFailure(product_id, grid_cell, f"read failed: {exc}")
+            return SampleFailure(product_id, grid_cell, f"read failed: {exc}", "decode")
         except Exception as exc:  # noqa: BLE001 -- an unreadable sample must not stop the others
-            return SampleFailure(product_id, grid_cell, f"read failed: {type(exc).__name__}: {exc}")
+            return SampleFailure(product_id, grid_cell, f"read failed: {type(exc).__name__}: {exc}", "decode")
         pixels = sample.pixels
         invalid = find_invalid_values(pixels, self.spec.normalisation, self.spec.bands)
         if invalid:
-            return SampleFailure(product_id, grid_cell, f"invalid values: {invalid}")
+            return SampleFailure(product_id, grid_cell, f"invalid values: {invalid}", "invalid values")
         try:
             layout: FragmentLayout = fragment_layout(
                 pixels.shape[-2], pixels.shape[-1], self.spec.fragment_size, self.spec.target_overlap
             )
         except ValueError as exc:
-            return SampleFailure(product_id, grid_cell, f"cannot fragment: {exc}")
+            return SampleFailure(product_id, grid_cell, f"cannot fragment: {exc}", "fragment")
         shape = (layout.count, pixels.shape[0], layout.fragment_size, layout.fragment_size)
         # CPU: convert to float32 here, in parallel, so the model thread only normalises in place;
         # CUDA: keep the raw dtype (uint16 is half the bytes to transfer) and widen on the device.
@@ -216,6 +216,14 @@ class _Run:
             boxes=layout.boxes, buffer=buffer,
             embeddings=np.empty((layout.count, self.embedder.embedding_dim), dtype=np.float32),
         )
+
+    def _size_reason(self, exc: BandSizeError) -> str:
+        """'too small' when the band covers less than one fragment, else 'wrong size'."""
+        fragment = self.spec.fragment_size
+        if exc.side_10m < fragment:
+            return (f"too small: sample is {exc.side_10m} px at 10 m, smaller than the fragment "
+                    f"({fragment} px): {exc}")
+        return f"wrong size: {exc}"
 
     def _gather_normalised(self, pixels: np.ndarray, layout: FragmentLayout, buffer: torch.Tensor) -> None:
         """CPU: copy (+ widen to float32) all fragments, then normalise the buffer in place.
@@ -240,7 +248,7 @@ class _Run:
                 grid_col_r=_row_value(row, "grid_col_r"), expected_dim=self.embedder.embedding_dim,
             )
         except ValueError as exc:
-            return SampleFailure(product_id, grid_cell, f"output rows: {exc}")
+            return SampleFailure(product_id, grid_cell, f"output rows: {exc}", "output rows")
 
     # ---- stage 2: the model
     def _device_input(self, parts: list[tuple[_Prepared, int, int]]) -> torch.Tensor:
@@ -443,23 +451,19 @@ def embed_to_file(
     return stats.finish(started)
 
 
-def failures_table(failures: list[SampleFailure]) -> pa.Table:
-    return pa.table(
-        {
-            "product_id": pa.array([f.product_id for f in failures], pa.string()),
-            "grid_cell": pa.array([f.grid_cell for f in failures], pa.string()),
-            "reason": pa.array([f.reason for f in failures], pa.string()),
-        }
-    )
-
-
 def write_failures(path: str | Path, failures: list[SampleFailure]) -> Path:
-    """Skipped samples as a small Parquet table (product_id, grid_cell, reason), written atomically."""
+    """Skipped samples as a small Parquet table (product_id, grid_cell, stage, reason), written atomically."""
     import pyarrow.parquet as pq
 
     with geoparquet.atomic_output(path) as tmp:
         pq.write_table(failures_table(failures), tmp)
     return Path(path)
+
+
+def read_failures(path: str | Path) -> list[SampleFailure]:
+    """A failures table written by `write_failures` (or `mirror.copy_samples`); [] if there is none."""
+    path = Path(path)
+    return failures_from_table(geoparquet.read_table(path)) if path.exists() else []
 
 
 __all__ = [
@@ -471,5 +475,6 @@ __all__ = [
     "embed_to_file",
     "failures_table",
     "file_info",
+    "read_failures",
     "write_failures",
 ]

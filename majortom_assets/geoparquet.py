@@ -10,9 +10,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import os
+import re
+import socket
+import stat
 import struct
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -430,26 +435,176 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
+#: A temp file of a writer we cannot check (another host) is stale once untouched this long;
+#: live writers touch theirs every `_HEARTBEAT_S`, so this is far beyond any live file's age.
+STALE_TEMP_AGE_S = 3600.0
+_HEARTBEAT_S = 300.0
+_log = logging.getLogger(__name__)
+
+
+def _writer_tag() -> str:
+    """12 hex digits naming this process's pid space: boot id + pid namespace + host name.
+
+    Two processes with equal tags see the same pids, so a temp file's pid can be checked here.
+    Containers on one host share the boot id but not the pid namespace; hosts sharing a volume
+    differ in boot id (and usually name), so a foreign writer never looks like a dead local one.
+    """
+    parts = [socket.gethostname()]
+    for source in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
+        try:
+            parts.append(Path(source).read_text().strip() if "boot_id" in source else os.readlink(source))
+        except OSError:
+            parts.append("?")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
+
+
+_WRITER_TAG = (os.getpid(), _writer_tag())
+
+
+def _own_tag() -> str:
+    global _WRITER_TAG
+    if _WRITER_TAG[0] != os.getpid():   # a forked or spawned child may live in another pid namespace
+        _WRITER_TAG = (os.getpid(), _writer_tag())
+    return _WRITER_TAG[1]
+
+
+def temp_path(path: str | os.PathLike) -> Path:
+    """``.<stem>.<writer tag>-<pid>-<uuid>.tmp<suffix>`` beside `path`: hidden, unique, and
+    naming its writer so a later sweep can tell a crashed writer's file from a live one's."""
+    path = Path(path)
+    return path.with_name(f".{path.stem}.{_own_tag()}-{os.getpid()}-{uuid.uuid4().hex}.tmp{path.suffix}")
+
+
+def _temp_name_pattern(path: Path) -> re.Pattern:
+    # the writer part is optional: files from before it existed are judged by age alone
+    return re.compile(rf"^\.{re.escape(path.stem)}\.(?:(?P<tag>[0-9a-f]{{12}})-(?P<pid>\d+)-)?"
+                      rf"[0-9a-f]{{32}}\.tmp{re.escape(path.suffix)}$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:   # EPERM: it exists, owned by someone else
+        return True
+    return True
+
+
+def sweep_stale_temps(path: str | os.PathLike, max_age_s: float = STALE_TEMP_AGE_S) -> list[Path]:
+    """Remove temp files of `path` left by writers that died (killed runs); returns them.
+
+    A file is stale when its writer ran in this pid space and its pid is gone, or, for a writer
+    elsewhere (or a file without a writer in its name), when it has not been modified for
+    `max_age_s`. A live writer's file is never removed: a local one's pid is alive, and any
+    writer touches its file every few minutes (`temp_output`). Errors only log: sweeping must
+    never fail the write that triggered it.
+    """
+    path = Path(path)
+    pattern, tag, now = _temp_name_pattern(path), _own_tag(), time.time()
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.match(entry.name)
+        if match is None:
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+            if not stat.S_ISREG(info.st_mode):
+                continue
+            pid = int(match["pid"]) if match["pid"] else 0
+            if match["tag"] == tag and pid > 0:
+                if _pid_alive(pid):
+                    continue
+                why = f"its writer, pid {pid} on this host, has exited"
+            else:
+                age = now - info.st_mtime
+                if age <= max_age_s:
+                    continue
+                why = f"untouched for {age / 3600:.1f} h (limit {max_age_s / 3600:g} h)"
+            Path(entry.path).unlink(missing_ok=True)
+        except OSError as exc:
+            _log.warning("could not remove temp file %s: %s", entry.path, exc)
+            continue
+        _log.warning("removed stale temp file %s: %s", entry.path, why)
+        removed.append(Path(entry.path))
+    return removed
+
+
+class _Heartbeat:
+    """Touches every open temp file of this process every `_HEARTBEAT_S` seconds, so a slow but
+    live writer's file always looks fresh to a sweep running on another host."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._paths: set[Path] = set()
+        self._pid = -1
+
+    def add(self, tmp: Path) -> None:
+        with self._lock:
+            if self._pid != os.getpid():   # after a fork the parent's thread and files are not ours
+                self._paths, self._pid = set(), os.getpid()
+                threading.Thread(target=self._run, name="majortom-temp-heartbeat", daemon=True).start()
+            self._paths.add(tmp)
+
+    def discard(self, tmp: Path) -> None:
+        with self._lock:
+            self._paths.discard(tmp)
+
+    def _run(self) -> None:
+        pid = os.getpid()
+        while True:
+            time.sleep(_HEARTBEAT_S)
+            if os.getpid() != pid:
+                return
+            with self._lock:
+                paths = list(self._paths)
+            for tmp in paths:
+                try:
+                    os.utime(tmp)
+                except OSError:
+                    pass   # not created yet, or already renamed
+
+
+_HEARTBEAT = _Heartbeat()
+
+
+@contextmanager
+def temp_output(path: str | os.PathLike) -> Iterator[Path]:
+    """A hidden temp path beside `path` for the caller to fill and move; whatever is left at it
+    when the block ends (failed, or not moved) is removed. Stale temp files of `path` from
+    killed writers are swept first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_temps(path)
+    tmp = temp_path(path)
+    _HEARTBEAT.add(tmp)
+    try:
+        yield tmp
+    finally:
+        _HEARTBEAT.discard(tmp)
+        tmp.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a hidden temp path beside `path`; it replaces `path` only if the block succeeds.
 
     The temp name keeps the suffix so format-sniffing writers (PIL, rasterio) still work.
-    On any exception the temp file is removed and an existing `path` is left untouched.
+    On any exception the temp file is removed and an existing `path` is left untouched; temp
+    files that killed writers left behind are swept (`sweep_stale_temps`).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp{path.suffix}")
-    try:
+    with temp_output(path) as tmp:
         yield tmp
         if not tmp.exists():
             raise FileNotFoundError(f"nothing was written to the temporary file for {path}")
         _fsync_path(tmp)
         os.replace(tmp, path)
         _fsync_path(path.parent, directory=True)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # ------------------------------------------------------------------------------------- writer

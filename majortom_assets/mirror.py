@@ -3,23 +3,32 @@
 A copy is ``metadata.parquet`` + ``images/samples-<digest>.parquet`` (one sample per row group),
 so every later stage reads it with ``core.CoreCollection`` exactly as it would read the hub: the
 same code path for a laptop and for production. Only the selected samples' row groups are read.
+Samples that could not be copied are listed in the copy's ``failures.parquet`` (the failures
+table schema, stage "shard copy"), so later stages can report them beside their own.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import time
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from majortom_assets.core import CoreCollection, SampleError
-from majortom_assets.geoparquet import atomic_output
+from majortom_assets.core import (
+    CoreCollection,
+    SampleError,
+    SampleFailure,
+    failures_from_table,
+    failures_table,
+)
+from majortom_assets.geoparquet import atomic_output, read_table, temp_output
 
 METADATA_FILE = "metadata.parquet"
+FAILURES_FILE = "failures.parquet"
+SHARD_COPY_STAGE = "shard copy"
 
 
 def copy_samples(
@@ -29,9 +38,10 @@ def copy_samples(
 
     Returns the copy's metadata (``parquet_url`` / ``parquet_row`` pointing into the copy) and
     one ``{product_id, grid_cell, reason}`` per sample that could not be read: such a sample is
-    skipped, never fatal to the others. The metadata file is the commit point: the samples file
-    is named by its content, written first, and only then referenced; stale sample files are
-    removed afterwards.
+    skipped, never fatal to the others, and also recorded in ``failures.parquet`` (see
+    `copy_failures`). The metadata file is the commit point: the samples file is named by its
+    content and the failures file is written first, and only then is the metadata replaced;
+    stale sample files are removed afterwards.
     """
     out_dir = Path(out_dir)
     skipped: list[dict] = []
@@ -40,36 +50,37 @@ def copy_samples(
     images = out_dir / "images"
     images.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
-    tmp_images = images / f".samples-{time.time_ns()}.tmp.parquet"
-    writer = None
-    try:
-        for i, row in enumerate(metadata.itertuples(index=False)):
-            try:
-                if schema is None:
-                    with collection.fs.open(collection.shard_path(row.parquet_url), "rb") as fh:
-                        schema = pq.read_schema(fh).remove_metadata()
-                    writer = pq.ParquetWriter(tmp_images, schema, compression="zstd")
-                raw = collection.read_raw(row.parquet_url, row.parquet_row, schema.names,
-                                          product_id=row.product_id, grid_cell=row.grid_cell)
-                if raw.get("product_id") != row.product_id or raw.get("grid_cell") != row.grid_cell:
-                    raise SampleError(
-                        f"row group holds {raw.get('product_id')} / {raw.get('grid_cell')}, not the metadata's sample",
-                        product_id=row.product_id, grid_cell=row.grid_cell,
-                    )
-                writer.write_table(pa.Table.from_pylist([raw], schema=schema))
-                digest.update(f"{row.product_id}/{row.grid_cell}/{row.parquet_url}/{row.parquet_row}".encode())
-                kept.append(i)
-            except (SampleError, OSError, ValueError) as exc:
-                skipped.append({"product_id": row.product_id, "grid_cell": row.grid_cell, "reason": str(exc)})
-    finally:
-        if writer is not None:
-            writer.close()
+    with temp_output(images / "samples.parquet") as tmp_images:
+        writer = None
+        try:
+            for i, row in enumerate(metadata.itertuples(index=False)):
+                try:
+                    if schema is None:
+                        with collection.fs.open(collection.shard_path(row.parquet_url), "rb") as fh:
+                            schema = pq.read_schema(fh).remove_metadata()
+                        writer = pq.ParquetWriter(tmp_images, schema, compression="zstd")
+                    raw = collection.read_raw(row.parquet_url, row.parquet_row, schema.names,
+                                              product_id=row.product_id, grid_cell=row.grid_cell)
+                    if raw.get("product_id") != row.product_id or raw.get("grid_cell") != row.grid_cell:
+                        raise SampleError(
+                            f"row group holds {raw.get('product_id')} / {raw.get('grid_cell')}, not the metadata's sample",
+                            product_id=row.product_id, grid_cell=row.grid_cell,
+                        )
+                    writer.write_table(pa.Table.from_pylist([raw], schema=schema))
+                    digest.update(f"{row.product_id}/{row.grid_cell}/{row.parquet_url}/{row.parquet_row}".encode())
+                    kept.append(i)
+                except (SampleError, OSError, ValueError) as exc:
+                    skipped.append({"product_id": row.product_id, "grid_cell": row.grid_cell, "reason": str(exc)})
+        finally:
+            if writer is not None:
+                writer.close()
+        name = f"images/samples-{digest.hexdigest()[:16]}.parquet"
+        if kept:
+            tmp_images.replace(out_dir / name)
+    with atomic_output(out_dir / FAILURES_FILE) as tmp:
+        pq.write_table(failures_table([SampleFailure(str(s["product_id"]), str(s["grid_cell"]), s["reason"],
+                                                     SHARD_COPY_STAGE) for s in skipped]), tmp)
     local = metadata.iloc[kept].reset_index(drop=True).copy()
-    name = f"images/samples-{digest.hexdigest()[:16]}.parquet"
-    if kept:
-        tmp_images.replace(out_dir / name)
-    else:
-        tmp_images.unlink(missing_ok=True)
     local["parquet_url"] = name
     local["parquet_row"] = range(len(local))
     with atomic_output(out_dir / METADATA_FILE) as tmp:
@@ -87,3 +98,10 @@ def open_copy(copy_dir: str | os.PathLike) -> tuple[CoreCollection, pd.DataFrame
     if not meta_path.exists():
         raise FileNotFoundError(f"no local sample copy at {copy_dir} (no {METADATA_FILE})")
     return CoreCollection(str(copy_dir)), pd.read_parquet(meta_path)
+
+
+def copy_failures(copy_dir: str | os.PathLike) -> list[SampleFailure]:
+    """Samples the copy at `copy_dir` skipped (stage "shard copy"); [] for a copy without a
+    failures file (made before copies recorded them)."""
+    path = Path(copy_dir) / FAILURES_FILE
+    return failures_from_table(read_table(path)) if path.exists() else []

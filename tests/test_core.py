@@ -434,6 +434,81 @@ def test_decode_rejects_non_integral_and_wrong_shapes(s2l2a_collection, l2a_meta
         decode_bands({"B04": ok, "B03": None}, ["B04", "B03"], SIZE, product_id="P1", grid_cell="1U_1R")
 
 
+# Nominal resolutions as STANDARD.md §1 / the Sentinel-2 and Sentinel-1 RTC products give them,
+# written out here independently of core's table.
+STANDARD_RESOLUTION_M = {"B02": 10, "B03": 10, "B04": 10, "B08": 10, "B05": 20, "B06": 20, "B07": 20,
+                         "B8A": 20, "B11": 20, "B12": 20, "B01": 60, "B09": 60, "B10": 60, "vv": 10, "vh": 10}
+
+
+def _tiff_at(side: int, pixel_m: float, dtype="uint16") -> bytes:
+    """A side x side single-band GeoTIFF whose geotransform claims `pixel_m` metre pixels."""
+    array = (np.arange(side * side) % 997).astype(dtype).reshape(side, side)
+    with MemoryFile() as mem:
+        with mem.open(driver="GTiff", width=side, height=side, count=1, dtype=dtype, crs="EPSG:32632",
+                      transform=Affine(pixel_m, 0.0, 500000.0, 0.0, -pixel_m, 5000000.0)) as ds:
+            ds.write(array, 1)
+        return mem.read()
+
+
+def test_band_resolution_table_matches_the_standard():
+    for band in (*S2L1C_BANDS, *S1RTC_BANDS):
+        assert core.BAND_RESOLUTION_M[band] == STANDARD_RESOLUTION_M[band], band
+        assert core.band_factor(band) == STANDARD_RESOLUTION_M[band] // 10
+    with pytest.raises(ValueError, match="unknown band 'B13'"):
+        decode_bands({"B13": _tiff_at(8, 10.0)}, ["B13"], 8, product_id="P", grid_cell="1U_1R")
+
+
+@pytest.mark.parametrize(("band", "side", "pixel_m", "expected"), [
+    ("B04", 96, 40.0, 384),   # a 10 m band a quarter of the size, with a matching 40 m geotransform
+    ("B05", 96, 80.0, 192),   # a 20 m band whose size is an integral (x4) but wrong fraction
+    ("B01", 192, 20.0, 64),   # a 60 m band at 20 m: integral x2, still wrong
+    ("vv", 192, 20.0, 384),   # S1 is 10 m: half-size backscatter is not upsampled
+    ("B04", 500, 10.0, 384),  # larger than the image
+])
+def test_a_band_of_the_wrong_size_is_rejected_not_stretched(band, side, pixel_m, expected):
+    size = 384
+    dtype = "float32" if band in S1RTC_BANDS else "uint16"
+    with pytest.raises(core.BandSizeError) as err:
+        decode_bands({band: _tiff_at(side, pixel_m, dtype)}, [band], size, product_id="P7", grid_cell="9U_3R",
+                     file="images/part_00002.parquet")
+    e = err.value
+    resolution = STANDARD_RESOLUTION_M[band]
+    assert isinstance(e, SampleError)
+    assert (e.product_id, e.grid_cell, e.band, e.file) == ("P7", "9U_3R", band, "images/part_00002.parquet")
+    assert e.reason == f"{resolution} m band {band} is {side}×{side} px, expected {expected}×{expected}"
+    assert all(s in str(e) for s in ("P7", "9U_3R", f"band={band}", "part_00002.parquet"))
+    assert (e.actual, e.expected, e.resolution_m) == ((side, side), (expected, expected), resolution)
+    assert e.side_10m == side * resolution // 10
+    back = pickle.loads(pickle.dumps(e))   # crosses process boundaries with its class and sizes
+    assert type(back) is core.BandSizeError and str(back) == str(e) and back.side_10m == e.side_10m
+
+
+def test_bands_of_their_nominal_size_are_upsampled_by_their_own_factor():
+    size = 384
+    raw = {"B04": _tiff_at(384, 10.0), "B05": _tiff_at(192, 20.0), "B01": _tiff_at(64, 60.0)}
+    pixels, _, transform = decode_bands(raw, ["B04", "B05", "B01"], size, product_id="P", grid_cell="C")
+    for k, (band, factor) in enumerate((("B04", 1), ("B05", 2), ("B01", 6))):
+        with MemoryFile(raw[band]) as mem, mem.open() as ds:
+            native = ds.read(1)
+        idx = np.arange(size) // factor
+        np.testing.assert_array_equal(pixels[k], native[idx[:, None], idx[None, :]], err_msg=band)
+    assert transform[0] == 10.0
+    with pytest.raises(SampleError, match="not a multiple of the 60 m band's factor 6"):
+        decode_bands({"B01": _tiff_at(64, 60.0)}, ["B01"], 386, product_id="P", grid_cell="C")
+
+
+def test_shorten_reason_keeps_the_start_and_the_location():
+    gdal = "undecodable GeoTIFF: RasterioIOError: " + "TIFFReadEncodedStrip() failed; " * 40
+    err = SampleError(gdal, product_id="S2A_MSIL2A_X", grid_cell="9U_3R", band="B03",
+                      file="/data/shards/S2L2A/row=9U/images/samples-0123456789abcdef.parquet")
+    short = core.shorten_reason(str(err), width=200)
+    assert len(short) < len(str(err)) and "…" in short
+    assert short.startswith("undecodable GeoTIFF: RasterioIOError: TIFFReadEncodedStrip")
+    assert short.endswith("(product_id=S2A_MSIL2A_X, grid_cell=9U_3R, band=B03, "
+                          "file=/data/shards/S2L2A/row=9U/images/samples-0123456789abcdef.parquet)")
+    assert core.shorten_reason("short reason", width=200) == "short reason"
+
+
 def test_sample_error_pickles_with_its_fields():
     err = SampleError("bad", product_id="P", grid_cell="1U_1R", band="B04", file="x.parquet")
     back = pickle.loads(pickle.dumps(err))

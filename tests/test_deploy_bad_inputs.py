@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from rasterio.io import MemoryFile
-from test_deploy_support import (
+from deploy_support import (
     IMAGE_SIZE,
     materialize,
     project_env,
@@ -136,9 +136,8 @@ def test_bad_samples_are_skipped_with_reasons_and_good_ones_kept(bad_row):
 
     expected_reasons = {  # S2L2A sample index -> words its reason must contain
         0: ("B04",), 1: ("nodata",), 2: ("smaller than the fragment",),
-        # skipped while copying the shard (the column is absent): listed in the shards metadata
-        # only; the band name is in the SampleError but cut off by the metadata table's truncation
-        3: ("column missing",),
+        # skipped while copying the shard (the column is absent): in the same failures table, band named
+        3: ("column missing", "B03"),
     }
     skipped_anywhere = "\n".join(
         str(md["skipped samples"].value) for md in found.values() if "skipped samples" in md
@@ -169,12 +168,13 @@ def test_bad_samples_are_skipped_with_reasons_and_good_ones_kept(bad_row):
         assert not {s2_ids[0], s2_ids[1], s2_ids[3], s1_ids[0], s1_ids[1]} & set(embedded)
     emb_md = found["embeddings/dinov2_rgb"]
     assert emb_md["samples skipped"].value == len(failures)
-    assert emb_md["samples"].value + len(failures) == 5  # the shard copy kept 5 of 6 samples
+    # every selected sample is embedded or listed, whichever stage skipped it (the shard copy kept 5 of 6)
+    assert emb_md["samples"].value + len(failures) == 6
+    stages = dict(zip(failures["product_id"], failures["stage"], strict=True))
+    assert stages[s2_ids[3]] == "shard copy" and stages[s2_ids[2]] == "decode"
+    assert s2_ids[3] in emb_md["skipped samples"].value and "band=B03" in emb_md["skipped samples"].value
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core.decode_bands upsamples 96 px 10 m bands to the requested 384 px instead of rejecting them; "
-    "the fragments asset reports the sample, the embeddings asset embeds it"))
 def test_a_sample_smaller_than_a_fragment_is_not_embedded(bad_row):
     home, *_, s2_ids, _ = bad_row
     path = home / "embeddings" / "dinov2-rgb" / f"row={ROW}" / "embeddings.parquet"

@@ -170,3 +170,56 @@ def test_cli_embed_writes_one_file_per_row(s1rtc_collection, tmp_path):
     for f in files:
         row = f.parent.name.removeprefix("row=")
         assert all(cell.startswith(row + "_") for cell in geoparquet.read_table(f).column("grid_cell").to_pylist())
+
+
+def _downsampled_tiff(raw, step: int) -> bytes:
+    """The band at 1/step of its side, its geotransform scaled to match (a self-consistent file)."""
+    from affine import Affine
+    from rasterio.io import MemoryFile
+
+    with MemoryFile(bytes(raw)) as src_file, src_file.open() as src:
+        array, profile = src.read(1)[::step, ::step].copy(), dict(src.profile)
+    profile.update(height=array.shape[0], width=array.shape[1],
+                   transform=profile["transform"] @ Affine.scale(step, step))
+    with MemoryFile() as out_file:
+        with out_file.open(**profile) as dst:
+            dst.write(array, 1)
+        return out_file.read()
+
+
+class _ShrunkCollection(CoreCollection):
+    """Serves some samples' bands at 1/step of their size: step 6 -> 178 px, step 2 -> 534 px."""
+
+    def __init__(self, url, steps: dict[str, int]) -> None:
+        super().__init__(url)
+        self.steps = steps
+
+    def read_raw(self, parquet_url, parquet_row, columns, **kwargs):
+        raw = super().read_raw(parquet_url, parquet_row, columns, **kwargs)
+        step = self.steps.get(raw.get("product_id"))
+        if step:
+            raw.update({band: _downsampled_tiff(raw[band], step) for band in ("vv", "vh") if band in raw})
+        return raw
+
+
+def test_samples_of_the_wrong_size_are_failures_with_stage_and_sizes(s1rtc_collection, s1_tiny, tmp_path):
+    from majortom_assets.engine import read_failures, write_failures
+
+    metadata = CoreCollection(str(s1rtc_collection)).metadata().iloc[:3]
+    ids = list(metadata["product_id"])
+    collection = _ShrunkCollection(str(s1rtc_collection), {ids[0]: 6, ids[2]: 2})
+    results = list(embed_samples(collection, metadata, s1_tiny, EngineConfig(batch_size=32)))
+    small, good, wrong = results
+    assert isinstance(good, pa.Table) and good.num_rows == 25
+    fragment = s1_tiny.spec.fragment_size
+    side = -(-1068 // 6)   # ceil: every 6th pixel of 1068
+    assert isinstance(small, SampleFailure) and small.stage == "decode" and small.product_id == ids[0]
+    assert small.reason.startswith(f"too small: sample is {side} px at 10 m, smaller than the fragment ({fragment} px)")
+    assert f"10 m band vv is {side}×{side} px, expected 1068×1068" in small.reason
+    assert ids[0] in small.reason and metadata["grid_cell"].iloc[0] in small.reason
+    assert isinstance(wrong, SampleFailure) and wrong.stage == "decode"
+    assert wrong.reason.startswith("wrong size: 10 m band vv is 534×534 px, expected 1068×1068")
+
+    path = write_failures(tmp_path / "failures.parquet", [small, wrong])
+    assert read_failures(path) == [small, wrong]
+    assert read_failures(tmp_path / "none.parquet") == []

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import struct
+import subprocess
+import sys
+import time
+import uuid
 from pathlib import Path
 
 import duckdb
@@ -427,3 +432,78 @@ def test_atomic_output_for_other_files(tmp_path):
         tmp.write_bytes(b"half")
         raise KeyError("boom")
     assert target.read_bytes() == b"png" and os.listdir(target.parent) == ["pca.png"]
+
+
+# ------------------------------------------------------------------------ stale temp files
+def _age(path, hours: float) -> None:
+    then = time.time() - hours * 3600
+    os.utime(path, (then, then))
+
+
+def _dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    return int(done.stdout)
+
+
+def test_stale_temp_files_are_swept_and_live_writers_kept(tmp_path, caplog):
+    target = tmp_path / "row=7U" / "embeddings.parquet"
+    target.parent.mkdir()
+    here = gp._own_tag()
+    elsewhere = "0123456789ab" if here != "0123456789ab" else "ba9876543210"
+
+    def temp(tag, pid, hours=0.0):
+        middle = f"{tag}-{pid}-" if tag else ""
+        path = target.parent / f".embeddings.{middle}{uuid.uuid4().hex}.tmp.parquet"
+        path.write_bytes(b"partial")
+        _age(path, hours)
+        return path
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        killed_here = temp(here, _dead_pid())                      # a killed run on this host: gone at once
+        live_here_old = temp(here, sleeper.pid, hours=5)           # a live local writer: kept, however old
+        mine = temp(here, os.getpid())                             # this process's own open write
+        fresh_elsewhere = temp(elsewhere, 4242, hours=0.5)         # another host's writer, recently touched
+        old_elsewhere = temp(elsewhere, 4242, hours=2)             # another host's writer, silent for 2 h
+        old_unnamed = temp(None, None, hours=2)                    # a pre-writer-tag temp file, old
+        fresh_unnamed = temp(None, None, hours=0.1)
+        other_target = target.parent / f".failures.{here}-{_dead_pid()}-{uuid.uuid4().hex}.tmp.parquet"
+        other_target.write_bytes(b"x")
+        target.write_bytes(b"complete")
+        with caplog.at_level(logging.WARNING, logger="majortom_assets.geoparquet"):
+            removed = gp.sweep_stale_temps(target)
+        assert sorted(removed) == sorted([killed_here, old_elsewhere, old_unnamed])
+        left = {p.name for p in target.parent.iterdir()}
+        assert left == {p.name for p in (live_here_old, mine, fresh_elsewhere, fresh_unnamed, other_target, target)}
+        logged = "\n".join(r.getMessage() for r in caplog.records)
+        assert f"removed stale temp file {killed_here}" in logged and "has exited" in logged
+        assert f"removed stale temp file {old_elsewhere}" in logged and "untouched for 2.0 h" in logged
+
+        # every atomic write of the target sweeps first; the live writer's file survives that too
+        old_again = temp(elsewhere, 1, hours=3)
+        with gp.atomic_output(target) as tmp:
+            assert tmp.name.startswith(f".embeddings.{here}-{os.getpid()}-") and tmp.name.endswith(".tmp.parquet")
+            tmp.write_bytes(b"new")
+        assert not old_again.exists() and live_here_old.exists() and target.read_bytes() == b"new"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert gp.sweep_stale_temps(target) == [live_here_old]   # its writer is gone now
+
+
+def test_heartbeat_keeps_a_slow_writers_temp_file_fresh(tmp_path, monkeypatch):
+    monkeypatch.setattr(gp, "_HEARTBEAT_S", 0.05)
+    heartbeat = gp._Heartbeat()
+    tmp = gp.temp_path(tmp_path / "embeddings.parquet")
+    tmp.write_bytes(b"slow")
+    _age(tmp, 5)
+    heartbeat.add(tmp)
+    try:
+        deadline = time.time() + 10
+        while time.time() - tmp.stat().st_mtime > 60:
+            assert time.time() < deadline, "the heartbeat never touched the open temp file"
+            time.sleep(0.02)
+    finally:
+        heartbeat.discard(tmp)
+    assert tmp.exists()

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from majortom_assets import mirror, synthetic
-from majortom_assets.core import S2L2A_BANDS, CoreCollection
+from majortom_assets.core import S2L2A_BANDS, CoreCollection, SampleError, SampleFailure
 
 SIZE = 60
 
@@ -111,3 +111,44 @@ def test_empty_selection_and_missing_copy(source, selection, tmp_path):
     assert mirror.open_copy(tmp_path / "copy")[1].empty
     with pytest.raises(FileNotFoundError, match="no local sample copy"):
         mirror.open_copy(tmp_path / "nowhere")
+
+
+class _ShardWithoutB03(CoreCollection):
+    """One sample's shard lacks the B03 column, the way an incomplete upstream shard would."""
+
+    def __init__(self, url, product_id: str) -> None:
+        super().__init__(url)
+        self.product_id = product_id
+
+    def read_raw(self, parquet_url, parquet_row, columns, *, product_id=None, grid_cell=None):
+        if product_id == self.product_id:
+            raise SampleError("column missing from shard", product_id=product_id, grid_cell=grid_cell,
+                              band="B03", file=self.shard_path(parquet_url))
+        return super().read_raw(parquet_url, parquet_row, columns, product_id=product_id, grid_cell=grid_cell)
+
+
+def test_skipped_samples_are_recorded_in_the_copy_with_stage_and_full_reason(source, selection, tmp_path):
+    from majortom_assets.defs.shards import failures_markdown
+
+    bad_id, bad_cell = selection.product_id[2], selection.grid_cell[2]
+    faulty = _ShardWithoutB03(source.url, bad_id)
+    local, skipped = mirror.copy_samples(faulty, selection, tmp_path / "copy")
+    assert bad_id not in set(local["product_id"]) and len(local) == len(selection) - 1
+    (failure,) = mirror.copy_failures(tmp_path / "copy")
+    assert (failure.product_id, failure.grid_cell, failure.stage) == (bad_id, bad_cell, "shard copy")
+    assert failure.reason == skipped[0]["reason"]
+    for part in ("column missing from shard", bad_id, bad_cell, "band=B03", "images/part_"):
+        assert part in failure.reason, part
+    # the UI table shows the whole location even when the message itself is long
+    long = SampleFailure(bad_id, bad_cell, "read failed: " + "GDAL says no; " * 60 + f"(product_id={bad_id}, "
+                         f"grid_cell={bad_cell}, band=B03, file=/data/shards/images/samples-0123.parquet)", "decode")
+    table = failures_markdown([failure, long])
+    assert table.splitlines()[0] == "| product_id | grid_cell | stage | reason |"
+    assert f"| shard copy | {failure.reason} |" in table
+    assert "band=B03, file=/data/shards/images/samples-0123.parquet) |" in table and "…" in table
+
+    # a clean re-copy clears the record; a copy made before failures were recorded reads as none
+    mirror.copy_samples(source, selection, tmp_path / "copy")
+    assert mirror.copy_failures(tmp_path / "copy") == []
+    (tmp_path / "copy" / mirror.FAILURES_FILE).unlink()
+    assert mirror.copy_failures(tmp_path / "copy") == []

@@ -7,11 +7,9 @@ a model dominates small rows.
 """
 
 import dagster as dg
-import pandas as pd
 import pyarrow.parquet as pq
 
 from majortom_assets import geoparquet
-from majortom_assets.core import CoreCollection
 from majortom_assets.defs import keys, presentation
 from majortom_assets.defs.partitions import GRID_ROWS, ROW_BACKFILL
 from majortom_assets.defs.resources import (
@@ -20,8 +18,10 @@ from majortom_assets.defs.resources import (
     StorageResource,
     load_settings,
 )
+from majortom_assets.defs.shards import failures_markdown, local_shard
 from majortom_assets.deployment import GPU_POOL, gpu_step_tags
 from majortom_assets.engine import embed_to_file, write_failures
+from majortom_assets.mirror import copy_failures
 from majortom_assets.models.spec import MODEL_SPECS
 
 PREVIEW_COLUMNS = [
@@ -93,28 +93,16 @@ def build_embeddings_asset(model: str) -> dg.AssetsDefinition:
         identity = weights_metadata(embedder, resource)
         source_url = collections.url(spec.source)
         for row_key in context.partition_keys:
-            shard_dir = layout.shard_dir(spec.source, row_key)
-            meta_path = shard_dir / "metadata.parquet"
-            if not meta_path.exists():
-                raise dg.Failure(
-                    f"row {row_key}: no local {spec.source} shard at {shard_dir}; materialise "
-                    f"{keys.core_shards_key(spec.source).to_user_string()} for this row first",
-                    allow_retries=False,
-                )
-            samples = pd.read_parquet(meta_path)
+            collection, samples = local_shard(storage, spec.source, row_key)
             out_path = layout.embeddings_file(model, row_key)
-            stats = embed_to_file(
-                CoreCollection(str(shard_dir)), samples, embedder, config, out_path, source_url
-            )
-            write_failures(layout.failures_file(model, row_key), stats.failures)
-            skipped = [
-                {"product_id": f.product_id, "grid_cell": f.grid_cell, "reason": f.reason}
-                for f in stats.failures
-            ]
+            stats = embed_to_file(collection, samples, embedder, config, out_path, source_url)
+            # one table per partition lists every skipped sample, whichever stage skipped it
+            failures = [*copy_failures(layout.shard_dir(spec.source, row_key)), *stats.failures]
+            failures_path = write_failures(layout.failures_file(model, row_key), failures)
             if len(samples) and stats.samples == 0:
                 raise dg.Failure(
                     f"row {row_key}: every one of the {len(samples)} {spec.source} samples failed; "
-                    f"first: {skipped[0]['reason'] if skipped else 'unknown'}"
+                    f"first: {stats.failures[0].reason if stats.failures else 'unknown'}"
                 )
             context.add_asset_metadata(
                 {
@@ -124,8 +112,9 @@ def build_embeddings_asset(model: str) -> dg.AssetsDefinition:
                     "batch size": int(stats.batch_size),
                     "samples": int(stats.samples),
                     "fragments": int(stats.fragments),
-                    "samples skipped": len(skipped),
-                    "skipped samples": dg.MetadataValue.md(presentation.skipped_table(skipped)),
+                    "samples skipped": len(failures),
+                    "skipped samples": dg.MetadataValue.md(failures_markdown(failures)),
+                    "failures table": dg.MetadataValue.path(str(failures_path)),
                     "seconds": round(float(stats.seconds), 3),
                     "cells/s": round(float(stats.cells_per_s), 3),
                     "preview": dg.MetadataValue.md(preview(out_path)),
@@ -135,7 +124,7 @@ def build_embeddings_asset(model: str) -> dg.AssetsDefinition:
             )
             context.log.info(
                 f"{model} row {row_key}: {stats.samples} samples, {stats.fragments} fragments, "
-                f"{len(skipped)} skipped, {stats.cells_per_s:.2f} cells/s on {stats.device}"
+                f"{len(failures)} skipped, {stats.cells_per_s:.2f} cells/s on {stats.device}"
             )
         return dg.MaterializeResult()
 

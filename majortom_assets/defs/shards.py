@@ -5,6 +5,7 @@ stage reads it with `core.CoreCollection` exactly as it would read the hub.
 """
 
 import time
+from collections.abc import Sequence
 from datetime import datetime
 
 import dagster as dg
@@ -12,13 +13,13 @@ import pandas as pd
 from pydantic import ValidationError
 
 from majortom_assets import grid
-from majortom_assets.core import CoreCollection, MetadataFilter
+from majortom_assets.core import CoreCollection, MetadataFilter, SampleFailure, shorten_reason
 from majortom_assets.defs import keys, presentation
 from majortom_assets.defs.partitions import GRID_ROWS, ROW_BACKFILL
 from majortom_assets.defs.resources import CollectionsResource, StorageResource, load_settings
 from majortom_assets.deployment import io_step_tags
 from majortom_assets.geoparquet import atomic_output
-from majortom_assets.mirror import copy_samples, open_copy
+from majortom_assets.mirror import FAILURES_FILE, SHARD_COPY_STAGE, copy_samples, open_copy
 
 #: Steps that read remote shards retry transient network failures with growing, jittered delays.
 NETWORK_RETRY = dg.RetryPolicy(
@@ -75,6 +76,26 @@ def local_shard(storage: StorageResource, source: str, row_key: str) -> tuple[Co
             f"{keys.core_shards_key(source).to_user_string()} for this row first",
             allow_retries=False,
         ) from None
+
+
+def failures_markdown(failures: Sequence[SampleFailure], limit: int = 50) -> str:
+    """Skipped samples as a markdown table with their stage and reason.
+
+    Reasons are shortened only in the middle (`core.shorten_reason`), so the band, file and
+    sample named by a SampleError always show; an explicit 'none' keeps an empty table clear.
+    """
+    if not failures:
+        return "_none: every sample was processed_"
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| product_id | grid_cell | stage | reason |", "|---|---|---|---|"]
+    lines += [f"| {cell(f.product_id)} | {cell(f.grid_cell)} | {cell(f.stage)} | {cell(shorten_reason(f.reason))} |"
+              for f in failures[:limit]]
+    if len(failures) > limit:
+        lines.append(f"\n_{len(failures) - limit} more in the failures table_")
+    return "\n".join(lines)
 
 
 def build_core_metadata_asset(source: str) -> dg.AssetsDefinition:
@@ -159,7 +180,12 @@ def build_core_shards_asset(source: str) -> dg.AssetsDefinition:
                     "samples": len(local),
                     "cells": int(local["grid_cell"].nunique()) if len(local) else 0,
                     "samples skipped": len(skipped),
-                    "skipped samples": dg.MetadataValue.md(presentation.skipped_table(skipped)),
+                    "skipped samples": dg.MetadataValue.md(
+                        failures_markdown(
+                            [SampleFailure(f["product_id"], f["grid_cell"], f["reason"], SHARD_COPY_STAGE) for f in skipped]
+                        )
+                    ),
+                    "failures table": dg.MetadataValue.path(str(out_dir / FAILURES_FILE)),
                     "seconds": round(time.perf_counter() - started, 3),
                     "preview": dg.MetadataValue.md(presentation.markdown_table(local, limit=5)),
                     **presentation.file_metadata(out_dir),
