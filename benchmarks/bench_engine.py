@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from majortom_assets import core, geoparquet, synthetic
+from majortom_assets import geoparquet, geotiff, synthetic
 from majortom_assets.core import CoreCollection, _zero_copy_values, decode_bands
 from majortom_assets.engine import CORE_IMAGE_SIZE, EngineConfig, _Run, embed_to_file
 from majortom_assets.fragment import fragment_layout, gather_fragments

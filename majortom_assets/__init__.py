@@ -13,6 +13,6 @@ import sys
 __version__ = "0.1.0"
 
 if "dagster" in sys.modules:  # loaded by a Dagster process: expose the code location
-    import majortom_assets.defs  # the subpackage would otherwise shadow the name bound below
+    import majortom_assets.defs  # noqa: F401,I001  (the subpackage would otherwise shadow `defs` below)
 
     from majortom_assets.definitions import defs  # noqa: F401

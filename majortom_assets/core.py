@@ -194,26 +194,17 @@ class MetadataFilter(BaseModel):
     @field_validator("rows")
     @classmethod
     def _check_rows(cls, rows: list[str] | None) -> list[str] | None:
-        return _canonical_names(rows, lambda name: grid.row_name(grid.parse_row_name(name)),
-                                "rows", "row name such as '136U' or '12D'")
+        return None if rows is None else [grid.row_name(r) for r in grid.parse_row_names(rows)]
 
     @field_validator("cells")
     @classmethod
     def _check_cells(cls, cells: list[str] | None) -> list[str] | None:
-        return _canonical_names(cells, lambda name: grid.cell_name(*grid.parse_cell_name(name)),
-                                "cells", "cell name such as '136U_496R'")
+        return None if cells is None else [grid.cell_name(r, c) for r, c in grid.parse_cell_list(cells)]
 
     @field_validator("bbox")
     @classmethod
     def _check_bbox(cls, bbox):
-        if bbox is None:
-            return None
-        minlon, minlat, maxlon, maxlat = bbox
-        if not all(-180.0 <= v <= 180.0 for v in (minlon, maxlon)):
-            raise ValueError(f"bbox longitudes must lie in [-180, 180], got {minlon}, {maxlon}")
-        if not (-90.0 <= minlat <= maxlat <= 90.0):
-            raise ValueError(f"bbox needs -90 <= minlat <= maxlat <= 90, got {minlat}, {maxlat}")
-        return bbox
+        return None if bbox is None else grid.check_bbox(bbox)
 
     @field_validator("start", "end")
     @classmethod
@@ -234,19 +225,6 @@ class MetadataFilter(BaseModel):
         if self.start is not None and self.end is not None and self.start > self.end:
             raise ValueError(f"start {self.start.isoformat()} is after end {self.end.isoformat()}")
         return self
-
-
-def _canonical_names(names: list[str] | None, canonical, field: str, what: str) -> list[str] | None:
-    """Grid names in their canonical spelling; a ValueError naming the first bad one."""
-    if names is None:
-        return None
-    out = []
-    for name in names:
-        try:
-            out.append(canonical(name))
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"{field}: {name!r} is not a grid {what} ({exc})") from None
-    return out
 
 
 def _to_utc_timestamps(values: pd.Series) -> pd.Series:

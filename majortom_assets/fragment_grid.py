@@ -73,7 +73,7 @@ def samples_fragment_rows(collection: CoreCollection, samples: pd.DataFrame, sou
     """Fragment tables of each sample, reading only its reference band's header.
 
     A sample whose band cannot be read is skipped and reported as ``{source, product_id,
-    grid_cell, reason}``, never fatal to the others.
+    grid_cell, stage, reason}``, never fatal to the others.
     """
     band = REFERENCE_BAND[source]
     tables: list[pa.Table] = []
@@ -85,8 +85,8 @@ def samples_fragment_rows(collection: CoreCollection, samples: pd.DataFrame, sou
             height, width, transform, crs = sample_grid(raw[band])
             tables.append(fragment_rows(source, sample, size, overlap, height, width, transform, crs))
         except (SampleError, ValueError, OSError) as exc:
-            skipped.append({"source": source, "product_id": sample.product_id,
-                            "grid_cell": sample.grid_cell, "reason": str(exc)})
+            skipped.append({"source": source, "product_id": sample.product_id, "grid_cell": sample.grid_cell,
+                            "stage": "fragment grid", "reason": str(exc)})
     return tables, skipped
 
 

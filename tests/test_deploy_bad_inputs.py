@@ -14,7 +14,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from rasterio.io import MemoryFile
 from deploy_support import (
     IMAGE_SIZE,
     materialize,
@@ -22,6 +21,7 @@ from deploy_support import (
     register_rows,
     step_failure_messages,
 )
+from rasterio.io import MemoryFile
 
 from majortom_assets import geoparquet, synthetic
 from majortom_assets.core import S2L2A_BANDS

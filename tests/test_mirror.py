@@ -128,7 +128,7 @@ class _ShardWithoutB03(CoreCollection):
 
 
 def test_skipped_samples_are_recorded_in_the_copy_with_stage_and_full_reason(source, selection, tmp_path):
-    from majortom_assets.defs.shards import failures_markdown
+    from majortom_assets.defs.presentation import failures_markdown
 
     bad_id, bad_cell = selection.product_id[2], selection.grid_cell[2]
     faulty = _ShardWithoutB03(source.url, bad_id)

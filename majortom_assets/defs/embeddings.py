@@ -18,7 +18,7 @@ from majortom_assets.defs.resources import (
     StorageResource,
     load_settings,
 )
-from majortom_assets.defs.shards import failures_markdown, local_shard
+from majortom_assets.defs.shards import local_shard
 from majortom_assets.deployment import GPU_POOL, gpu_step_tags
 from majortom_assets.engine import embed_to_file, write_failures
 from majortom_assets.mirror import copy_failures
@@ -113,7 +113,7 @@ def build_embeddings_asset(model: str) -> dg.AssetsDefinition:
                     "samples": int(stats.samples),
                     "fragments": int(stats.fragments),
                     "samples skipped": len(failures),
-                    "skipped samples": dg.MetadataValue.md(failures_markdown(failures)),
+                    "skipped samples": dg.MetadataValue.md(presentation.failures_markdown(failures)),
                     "failures table": dg.MetadataValue.path(str(failures_path)),
                     "seconds": round(float(stats.seconds), 3),
                     "cells/s": round(float(stats.cells_per_s), 3),

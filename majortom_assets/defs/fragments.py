@@ -64,7 +64,7 @@ def build_fragments_asset(size: int, sources: tuple[str, ...]) -> dg.AssetsDefin
                     "fragments": n,
                     "fragments per sample": fragment_layout(1068, 1068, size, overlap).count,
                     "samples skipped": len(skipped),
-                    "skipped samples": dg.MetadataValue.md(presentation.skipped_table(skipped)),
+                    "skipped samples": dg.MetadataValue.md(presentation.failures_markdown(skipped)),
                     "seconds": round(time.perf_counter() - started, 3),
                     "preview": dg.MetadataValue.md(
                         presentation.markdown_table(

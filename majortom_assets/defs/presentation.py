@@ -10,6 +10,8 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
+from majortom_assets.core import shorten_reason
+
 _MAX_CELL_CHARS = 60
 
 
@@ -39,11 +41,25 @@ def markdown_table(frame: pd.DataFrame | Sequence[Mapping[str, Any]], limit: int
     return "\n".join(lines)
 
 
-def skipped_table(skipped: Sequence[Mapping[str, Any]], limit: int = 50) -> str:
-    """Skipped samples and why; an explicit 'none' so an empty table is never ambiguous."""
-    if not skipped:
+def failures_markdown(failures: Sequence[Any], limit: int = 50) -> str:
+    """Skipped samples (SampleFailure objects or mappings) with their stage and reason.
+
+    Reasons are shortened only in the middle (`core.shorten_reason`), so the band, file and
+    sample named by a SampleError always show; an explicit 'none' keeps an empty table clear.
+    """
+    if not failures:
         return "_none: every sample was processed_"
-    return markdown_table(list(skipped), limit=limit)
+
+    def field(failure: Any, name: str) -> str:
+        value = failure.get(name, "") if isinstance(failure, Mapping) else getattr(failure, name, "")
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| product_id | grid_cell | stage | reason |", "|---|---|---|---|"]
+    lines += [f"| {field(f, 'product_id')} | {field(f, 'grid_cell')} | {field(f, 'stage')} | "
+              f"{shorten_reason(field(f, 'reason'))} |" for f in failures[:limit]]
+    if len(failures) > limit:
+        lines.append(f"\n_{len(failures) - limit} more in the failures table_")
+    return "\n".join(lines)
 
 
 def _size(path: Path) -> int:

@@ -5,7 +5,6 @@ stage reads it with `core.CoreCollection` exactly as it would read the hub.
 """
 
 import time
-from collections.abc import Sequence
 from datetime import datetime
 
 import dagster as dg
@@ -13,7 +12,7 @@ import pandas as pd
 from pydantic import ValidationError
 
 from majortom_assets import grid
-from majortom_assets.core import CoreCollection, MetadataFilter, SampleFailure, shorten_reason
+from majortom_assets.core import CoreCollection, MetadataFilter, SampleFailure
 from majortom_assets.defs import keys, presentation
 from majortom_assets.defs.partitions import GRID_ROWS, ROW_BACKFILL
 from majortom_assets.defs.resources import CollectionsResource, StorageResource, load_settings
@@ -76,26 +75,6 @@ def local_shard(storage: StorageResource, source: str, row_key: str) -> tuple[Co
             f"{keys.core_shards_key(source).to_user_string()} for this row first",
             allow_retries=False,
         ) from None
-
-
-def failures_markdown(failures: Sequence[SampleFailure], limit: int = 50) -> str:
-    """Skipped samples as a markdown table with their stage and reason.
-
-    Reasons are shortened only in the middle (`core.shorten_reason`), so the band, file and
-    sample named by a SampleError always show; an explicit 'none' keeps an empty table clear.
-    """
-    if not failures:
-        return "_none: every sample was processed_"
-
-    def cell(text: str) -> str:
-        return text.replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| product_id | grid_cell | stage | reason |", "|---|---|---|---|"]
-    lines += [f"| {cell(f.product_id)} | {cell(f.grid_cell)} | {cell(f.stage)} | {cell(shorten_reason(f.reason))} |"
-              for f in failures[:limit]]
-    if len(failures) > limit:
-        lines.append(f"\n_{len(failures) - limit} more in the failures table_")
-    return "\n".join(lines)
 
 
 def build_core_metadata_asset(source: str) -> dg.AssetsDefinition:
@@ -181,7 +160,7 @@ def build_core_shards_asset(source: str) -> dg.AssetsDefinition:
                     "cells": int(local["grid_cell"].nunique()) if len(local) else 0,
                     "samples skipped": len(skipped),
                     "skipped samples": dg.MetadataValue.md(
-                        failures_markdown(
+                        presentation.failures_markdown(
                             [SampleFailure(f["product_id"], f["grid_cell"], f["reason"], SHARD_COPY_STAGE) for f in skipped]
                         )
                     ),
