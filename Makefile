@@ -3,7 +3,7 @@ VENV   ?= .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
 
-.PHONY: setup demo test ui bench clean
+.PHONY: setup demo test ui clean
 
 $(VENV)/.installed: pyproject.toml scripts/system-deps.sh
 	bash scripts/system-deps.sh
@@ -25,9 +25,6 @@ ui: setup
 
 test: setup
 	$(PY) -m pytest
-
-bench: setup
-	$(PY) -m benchmarks.run_all
 
 clean:
 	rm -rf $(VENV) data .dagster_home

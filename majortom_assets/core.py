@@ -492,7 +492,7 @@ def _zero_copy_values(table: pa.Table) -> dict[str, Any]:
     """One-row table -> {column: value}; binary values as memoryviews of Arrow's buffer.
 
     ``as_py()`` would copy ~8 MB of band bytes per S2 sample into fresh Python objects, which
-    costs more (page faults included) than reading them (docs/benchmarks/engine.md).
+    costs more (page faults included) than reading them (docs/benchmarks.md, "Embedding engine").
     """
     out: dict[str, Any] = {}
     for name in table.column_names:

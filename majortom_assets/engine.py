@@ -230,7 +230,7 @@ class _Run:
 
         One whole-buffer normalise: normalising fragment by fragment while it is still in cache
         saved ~2.5 ms/cell single-threaded, but 50 small torch calls per cell cost far more when
-        torch's intra-op threads compete for a loaded CPU (docs/benchmarks/engine.md).
+        torch's intra-op threads compete for a loaded CPU (docs/benchmarks.md, "Embedding engine").
         """
         gather_fragments(pixels, layout, out=buffer.numpy())
         normalised = self.embedder.preprocess(buffer, inplace=True)

@@ -1,7 +1,7 @@
 """Single-band GeoTIFF decoding: a direct imagecodecs decoder for Core's layout, rasterio otherwise.
 
 rasterio spends ~0.5 ms opening each in-memory band and its DEFLATE path is ~1.5x slower than
-libdeflate called straight into the output array (docs/benchmarks/engine.md). The common layout
+libdeflate called straight into the output array (docs/benchmarks.md, "Embedding engine"). The common layout
 -- one little-endian classic-TIFF band, strips or tiles, no / DEFLATE / LZW / ZSTD compression,
 predictor 1-3, an EPSG projected CRS, a north-up pixel-is-area grid -- is decoded here; any other
 file, and any damaged one, goes to rasterio, which also words every error message.

@@ -1,7 +1,7 @@
 """Cosine similarity search over one model's embeddings with faiss.
 
 Vectors are L2-normalised and indexed with inner product, so scores are cosine similarities.
-Index choice (measured in docs/benchmarks/vectors.md: 1M × 768 clustered vectors, 2-core box):
+Index choice (measured in docs/benchmarks.md, "Vectors": 1M × 768 clustered vectors, 2-core box):
 
 * ``flat``    exact; ``auto`` uses it up to ``flat_max`` (100k) vectors (~10-20 ms per query there).
 * ``ivffp16`` IVF coarse lists (k-means on a sample, ~30 s) + float16 codes, 1.5 KB per 768-d
