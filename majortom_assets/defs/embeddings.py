@@ -92,6 +92,9 @@ def build_embeddings_asset(model: str) -> dg.AssetsDefinition:
         layout = storage.layout
         identity = weights_metadata(embedder, resource)
         source_url = collections.url(spec.source)
+        # A run may hold many rows (backfill policy): a row whose samples all fail must not stop
+        # the rows after it, so the step fails only at the end, naming every such row.
+        failed_rows: list[str] = []
         for row_key in context.partition_keys:
             collection, samples = local_shard(storage, spec.source, row_key)
             out_path = layout.embeddings_file(model, row_key)
@@ -100,10 +103,11 @@ def build_embeddings_asset(model: str) -> dg.AssetsDefinition:
             failures = [*copy_failures(layout.shard_dir(spec.source, row_key)), *stats.failures]
             failures_path = write_failures(layout.failures_file(model, row_key), failures)
             if len(samples) and stats.samples == 0:
-                raise dg.Failure(
+                failed_rows.append(
                     f"row {row_key}: every one of the {len(samples)} {spec.source} samples failed; "
                     f"first: {stats.failures[0].reason if stats.failures else 'unknown'}"
                 )
+                continue
             context.add_asset_metadata(
                 {
                     "row": row_key,
@@ -126,6 +130,8 @@ def build_embeddings_asset(model: str) -> dg.AssetsDefinition:
                 f"{model} row {row_key}: {stats.samples} samples, {stats.fragments} fragments, "
                 f"{len(failures)} skipped, {stats.cells_per_s:.2f} cells/s on {stats.device}"
             )
+        if failed_rows:
+            raise dg.Failure("; ".join(failed_rows))
         return dg.MaterializeResult()
 
     return _embeddings
