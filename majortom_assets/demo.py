@@ -5,8 +5,10 @@
 On a fresh machine it writes synthetic Core-S2L1C, Core-S2L2A and Core-S1RTC collections (a few
 grid rows, including cells next to +-180 degrees) under `$MAJORTOM_HOME` (default ./data),
 registers their grid rows as partitions, and materialises core shards -> fragment grids ->
-embeddings of the four models -> PCA maps -> vector assets, with every asset check, into the
-Dagster instance at `$DAGSTER_HOME` (default ./.dagster_home). `make ui` then shows the history.
+embeddings of the four models -> PCA maps -> vector assets (indexes, exports, evaluations, change
+scores between the two dates of each S2L2A cell, a DuckDB SQL catalog), with every asset check,
+into the Dagster instance at `$DAGSTER_HOME` (default ./.dagster_home). `make ui` then shows the
+history.
 
 Models run with RANDOM weights in their `tiny` configurations by default (no downloads; minutes
 on two CPU cores). Files and materialisations say so (`random_weights`, `tiny_model`).
@@ -17,7 +19,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +29,9 @@ SOURCES = ("S2L1C", "S2L2A", "S1RTC")
 DEMO_ROWS = ("12D", "136U", "400U")
 #: The evaluation's 5-fold grouped cross-validation needs 5 labelled cells of every class.
 CELLS_PER_CLASS = 5
+#: Acquisitions per cell. Two for S2L2A so the change assets of dinov2-rgb and siglip-rgb have
+#: series (+13 s on 2 cores); a second S1RTC date cost another ~29 s (ssl4eo-s1), so it stays one.
+DEMO_TIMESTAMPS = {"S2L1C": 1, "S2L2A": 2, "S1RTC": 1}
 
 
 def prepare_dagster_home(dagster_home: Path) -> Path:
@@ -60,18 +65,27 @@ def demo_cells(per_class: int = CELLS_PER_CLASS, seed: int = 0) -> list[str]:
 
 
 def create_collections(
-    home: Path, cells: Sequence[str] | None = None, size: int = 1068, timestamps: int = 1, seed: int = 0
+    home: Path,
+    cells: Sequence[str] | None = None,
+    size: int = 1068,
+    timestamps: int | Mapping[str, int] | None = None,
+    seed: int = 0,
 ) -> dict[str, Path]:
-    """Synthetic collections at the paths the LOCAL resources expect; existing ones are reused."""
+    """Synthetic collections at the paths the LOCAL resources expect; existing ones are reused.
+
+    `timestamps` is one count for every collection or a count per source (default
+    `DEMO_TIMESTAMPS`)."""
     from majortom_assets import synthetic
 
     cells = list(cells) if cells else demo_cells(seed=seed)
+    per_source = DEMO_TIMESTAMPS if timestamps is None else timestamps
     out = {}
     for source in SOURCES:
         folder = home / "collections" / f"Core-{source}"
+        count = per_source if isinstance(per_source, int) else per_source.get(source, 1)
         if not (folder / "metadata.parquet").exists():
             synthetic.generate_collection(
-                folder, source, cells=cells, size=size, timestamps=timestamps, seed=seed
+                folder, source, cells=cells, size=size, timestamps=count, seed=seed
             )
         out[source] = folder
     return out
@@ -148,10 +162,17 @@ def summary(home: Path, dagster_home: Path, seconds: float) -> str:
         ("indexes", "indexes/*"),
         ("exports", "exports/*/*"),
         ("reports", "reports/*/*.md"),
+        ("change scores", "reports/*/change.parquet"),
+        ("SQL catalog", "sql/*.duckdb"),
     ):
         found = sorted(home.glob(pattern))
         lines.append(f"  {label}: {len(found)} under {home / pattern.split('/')[0]}")
         lines += [f"    {p.relative_to(home)}" for p in found[:8]]
+    if (home / "sql" / "majortom.duckdb").exists():
+        lines.append(
+            "  query it: python -c \"from majortom_assets.vectors.sql import open_database; "
+            f"con = open_database('{home / 'sql' / 'majortom.duckdb'}'); print(con.sql('FROM majortom_models'))\""
+        )
     lines += [
         "",
         "Open the Dagster UI on this history:",

@@ -42,7 +42,9 @@ def test_definitions_load_with_every_asset_check_and_automation(definitions):
             f"vectors/{slug}/float16",
             f"vectors/{slug}/int8",
             f"vectors/{slug}/evaluation",
+            f"vectors/{slug}/change",
         }
+    expected.add("vectors/sql_catalog")
     assert expected <= names, expected - names
 
     checks = {(c.asset_key.to_user_string(), c.name) for c in graph.asset_check_keys}

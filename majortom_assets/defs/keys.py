@@ -55,6 +55,13 @@ def evaluation_key(model: str) -> dg.AssetKey:
     return dg.AssetKey(["vectors", model_slug(model), "evaluation"])
 
 
+def change_key(model: str) -> dg.AssetKey:
+    return dg.AssetKey(["vectors", model_slug(model), "change"])
+
+
+SQL_CATALOG_KEY = dg.AssetKey(["vectors", "sql_catalog"])
+
+
 def embedder_resource_key(model: str) -> str:
     """One resource per model, so a step loads only the model it embeds with."""
     return f"embedder_{model_slug(model)}"

@@ -102,6 +102,18 @@ class StorageLayout:
     def report_dir(self, model: str) -> Path:
         return self.inside("reports", _segment(model, "model"))
 
+    def change_file(self, model: str) -> Path:
+        """Per-cell change scores between consecutive dates (`vectors/<model>/change`)."""
+        return self.inside("reports", _segment(model, "model"), "change.parquet")
+
+    def fragment_change_file(self, model: str) -> Path:
+        """Per-fragment change scores, the detail behind `change_file`."""
+        return self.inside("reports", _segment(model, "model"), "change_fragments.parquet")
+
+    def sql_database(self) -> Path:
+        """The DuckDB catalog of views over every model's embeddings (`vectors/sql_catalog`)."""
+        return self.inside("sql", "majortom.duckdb")
+
     def embedding_files(self, model: str) -> list[Path]:
         """Existing per-row embedding files of a model, in row-name order (for global assets)."""
         base = self.embeddings_dir(model)

@@ -1,10 +1,14 @@
-"""Vector products per model: similarity index, reduced-precision exports, evaluation report.
+"""Vector products per model: similarity index, reduced-precision exports, evaluation report,
+change scores between dates; and one SQL catalog (DuckDB views) over every model.
 
 Each is unpartitioned and reads every row file of the model's embeddings through `vectors/`.
 """
 
+from pathlib import Path
+
 import dagster as dg
 import pandas as pd
+import pyarrow as pa
 
 from majortom_assets.defs import keys, presentation
 from majortom_assets.defs.resources import CollectionsResource, StorageResource, load_settings
@@ -146,13 +150,164 @@ def build_evaluation_asset(model: str) -> dg.AssetsDefinition:
     return _evaluation
 
 
+#: How many of the most-changed cells the change asset lists in the UI.
+TOP_CHANGED = 10
+
+_FRAGMENT_CHANGE_SCHEMA = pa.schema([
+    ("grid_cell", pa.string()), ("pixel_bbox", pa.list_(pa.int32())),
+    ("t0", pa.timestamp("ns", tz="UTC")), ("t1", pa.timestamp("ns", tz="UTC")),
+    ("product_t0", pa.string()), ("product_t1", pa.string()), ("cosine_distance", pa.float64()),
+])
+_CELL_CHANGE_SCHEMA = pa.schema([
+    ("grid_cell", pa.string()), ("t0", pa.timestamp("ns", tz="UTC")), ("t1", pa.timestamp("ns", tz="UTC")),
+    ("cosine_distance", pa.float64()), ("fragments", pa.int64()),
+])
+
+
+def _most_changed(per_cell: pd.DataFrame, limit: int = TOP_CHANGED) -> pd.DataFrame:
+    """The UI table: highest change first, dates as days (the scores compare whole acquisitions)."""
+    top = per_cell.sort_values(["cosine_distance", "grid_cell"], ascending=[False, True]).head(limit)
+    return pd.DataFrame({
+        "grid_cell": top["grid_cell"].to_numpy(),
+        "dates": [f"{a:%Y-%m-%d} → {b:%Y-%m-%d}" for a, b in zip(top["t0"], top["t1"])],
+        "score": top["cosine_distance"].round(4).to_numpy(),
+        "fragments": top["fragments"].to_numpy(),
+    })
+
+
+def build_change_asset(model: str) -> dg.AssetsDefinition:
+    @embeddings_product(
+        model, keys.change_key(model), group="vectors", kinds={"parquet"},
+        description=f"Change scores of {model} embeddings: cosine distance between consecutive dates of "
+        "each fragment (same cell, same pixel box) and their mean per cell.",
+    )
+    def _change(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        from majortom_assets.geoparquet import atomic_output
+        from majortom_assets.vectors import timeseries
+
+        files = embedding_files(storage, model)
+        cell_path, fragment_path = storage.layout.change_file(model), storage.layout.fragment_change_file(model)
+        cell_frames, cells, series = [], 0, 0
+        # Row partitions hold disjoint cells, so each partition's series are complete on their own:
+        # memory stays one partition's embeddings, and counts add up across partitions.
+        with atomic_output(cell_path) as cell_tmp, atomic_output(fragment_path) as fragment_tmp:
+            with pq.ParquetWriter(fragment_tmp, _FRAGMENT_CHANGE_SCHEMA) as writer:
+                for path in files:
+                    cells += len(pc.unique(pq.read_table(path, columns=["grid_cell"]).column("grid_cell")))
+                    per_fragment, per_cell = timeseries.partition_change_scores(path)
+                    if per_fragment.empty:
+                        continue
+                    boxes = per_fragment["pixel_bbox"].map(tuple)
+                    series += len(set(zip(per_fragment["grid_cell"], boxes)))
+                    writer.write_table(pa.Table.from_pandas(
+                        per_fragment[_FRAGMENT_CHANGE_SCHEMA.names], schema=_FRAGMENT_CHANGE_SCHEMA,
+                        preserve_index=False))
+                    cell_frames.append(per_cell)
+            per_cell = (pd.concat(cell_frames, ignore_index=True) if cell_frames
+                        else _CELL_CHANGE_SCHEMA.empty_table().to_pandas())
+            pq.write_table(pa.Table.from_pandas(per_cell[_CELL_CHANGE_SCHEMA.names], schema=_CELL_CHANGE_SCHEMA,
+                                                preserve_index=False), cell_tmp)
+        scores = per_cell["cosine_distance"].to_numpy(dtype=float)
+        random_weights = any_random_weights(files)
+        table = presentation.markdown_table(_most_changed(per_cell), limit=TOP_CHANGED)
+        if not len(per_cell):
+            table = "_no cell has two dates yet: change needs at least two acquisitions of a cell_"
+        if random_weights:
+            from majortom_assets.geoparquet import RANDOM_WEIGHTS_WARNING
+
+            table = f"**{RANDOM_WEIGHTS_WARNING}**\n\n{table}"
+        return dg.MaterializeResult(
+            metadata={
+                "most changed cells": dg.MetadataValue.md(table),
+                "cells": cells,
+                "cells with >=2 dates": int(per_cell["grid_cell"].nunique()),
+                "date pairs (cell)": len(per_cell),
+                "fragment series (>=2 dates)": series,
+                "mean change": float(scores.mean()) if len(scores) else float("nan"),
+                "max change": float(scores.max()) if len(scores) else float("nan"),
+                "rows (files)": len(files),
+                "random weights": random_weights,
+                **presentation.file_metadata(cell_path),
+                **presentation.file_metadata(fragment_path, label="fragments path"),
+            }
+        )
+
+    return _change
+
+
+def build_sql_catalog_asset(models: tuple[str, ...]) -> dg.AssetsDefinition:
+    """One catalog for all models, not one per model: cross-model queries (same cell or unique_id in
+    two models) need every view in one connection, a DuckDB file has a single writer, and the views
+    copy no data, so rebuilding the whole file whenever any model changes costs milliseconds."""
+
+    @dg.asset(
+        key=keys.SQL_CATALOG_KEY,
+        group_name="vectors",
+        kinds={"duckdb"},
+        description="DuckDB database with one view per model over its embedding partitions (hive `row` "
+        "column, spatial GEOMETRY, FLOAT[dim] embeddings) and the cosine macros. Open it with "
+        "`majortom_assets.vectors.sql.open_database(path)` or `LOAD spatial` first.",
+        deps=[keys.embeddings_key(m) for m in models],
+        op_tags=io_step_tags(),
+    )
+    def _sql_catalog(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+        from majortom_assets.geoparquet import atomic_output
+        from majortom_assets.vectors import sql
+
+        present = [m for m in models if storage.layout.embedding_files(m)]
+        if not present:
+            raise dg.Failure(
+                f"no embedding files under {storage.layout.root / 'embeddings'} for {', '.join(models)}; "
+                "materialise an embeddings asset first",
+                allow_retries=False,
+            )
+        path = storage.layout.sql_database()
+        with atomic_output(path) as tmp:
+            con = sql.connect(storage.layout.root, database=str(tmp), models=present)
+            con.execute("CHECKPOINT")
+            con.close()
+            Path(f"{tmp}.wal").unlink(missing_ok=True)
+        con = sql.open_database(path)  # proves the persisted views resolve after reopening
+        try:
+            views = con.sql(f"SELECT model, view, dim, partitions FROM {sql.MODELS_VIEW} ORDER BY model").df()
+            views["rows"] = [con.sql(f'SELECT count(*) FROM "{v}"').fetchone()[0] for v in views["view"]]
+            view = views["view"].iloc[0]
+            uid = con.sql(f'SELECT unique_id FROM "{view}" ORDER BY unique_id LIMIT 1').fetchone()[0]
+            query = (f"SELECT unique_id, grid_cell, timestamp, round(similarity, 4) AS similarity\n"
+                     f"FROM {view}_similar('{uid}', 5)\nORDER BY similarity DESC, unique_id")
+            example = con.sql(query).df()
+        finally:
+            con.close()
+        random_weights = any(any_random_weights(storage.layout.embedding_files(m)) for m in present)
+        return dg.MaterializeResult(
+            metadata={
+                "views": dg.MetadataValue.md(presentation.markdown_table(views, limit=len(views))),
+                **{f"rows: {m}": int(n) for m, n in zip(views["model"], views["rows"])},
+                "models without embeddings": ", ".join(m for m in models if m not in present) or "none",
+                "example query": dg.MetadataValue.md(f"```sql\n{query}\n```"),
+                "example result": dg.MetadataValue.md(presentation.markdown_table(example, limit=5)),
+                "random weights": random_weights,
+                **presentation.file_metadata(path),
+            }
+        )
+
+    return _sql_catalog
+
+
 _MODELS = load_settings().models
 vector_assets = [
-    asset
-    for model in _MODELS
-    for asset in (
-        build_index_asset(model),
-        *(build_export_asset(model, precision) for precision in keys.EXPORT_PRECISIONS),
-        build_evaluation_asset(model),
-    )
+    *(
+        asset
+        for model in _MODELS
+        for asset in (
+            build_index_asset(model),
+            *(build_export_asset(model, precision) for precision in keys.EXPORT_PRECISIONS),
+            build_evaluation_asset(model),
+            build_change_asset(model),
+        )
+    ),
+    build_sql_catalog_asset(tuple(_MODELS)),
 ]

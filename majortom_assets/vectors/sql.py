@@ -83,3 +83,20 @@ def connect(root: str | os.PathLike | None = None, database: str = ":memory:",
     if rows:
         con.executemany(f"INSERT INTO {MODELS_VIEW} VALUES (?, ?, ?, ?)", rows)
     return con
+
+
+def open_database(path: str | os.PathLike, read_only: bool = True) -> duckdb.DuckDBPyConnection:
+    """Open a DuckDB file written through ``connect(root, database=path)`` with spatial loaded.
+
+    The views and macros persist in the file, but a view is re-bound on every query and its
+    ``geometry`` column was stored as GEOMETRY: without spatial the Parquet reader returns BLOB
+    and DuckDB refuses the view ("types don't match"). Plain clients must ``LOAD spatial`` first;
+    this does it from the wheel's extension directory (no network). The views read the Parquet
+    files by absolute path, so a moved storage root needs the file rebuilt (``connect`` again).
+    """
+    con = duckdb.connect(str(path), read_only=read_only, config={
+        "extension_directory": str(extension_directory()),
+        "autoinstall_known_extensions": False,
+    })
+    con.execute("LOAD spatial")
+    return con
