@@ -132,8 +132,12 @@ def test_checks_catch_a_tampered_embedding(graph):
     """A check that always passes proves nothing: flip one value and unique_ids must fail."""
     home, assets, resources = graph
     path = home / "embeddings" / MODEL / f"row={GOOD_ROW}" / "embeddings.parquet"
-    if not path.exists():
-        pytest.skip("needs the end-to-end test's materialisation")
+    row_assets = [keys.core_shards_key("S2L2A"), keys.fragments_key(224), keys.embeddings_key(MODEL)]
+    if not path.exists():  # run on its own (e.g. with -k): materialise the good row first
+        with dg.instance_for_test() as instance:
+            register_rows(instance, [GOOD_ROW])
+            assert materialize(assets, resources, instance, [keys.core_metadata_key("S2L2A")]).success
+            assert materialize(assets, resources, instance, row_assets, GOOD_ROW).success
     table = pq.read_table(path)
     matrix = geoparquet.embedding_matrix(table).copy()
     matrix[0, 0] += 1.0
@@ -144,7 +148,8 @@ def test_checks_catch_a_tampered_embedding(graph):
     pq.write_table(tampered, path)
     with dg.instance_for_test() as instance:
         register_rows(instance, [GOOD_ROW])
-        embeddings, checks = assets[3], assets[4]
+        embeddings = next(a for a in assets if keys.embeddings_key(MODEL) in a.keys)
+        checks = next(a for a in assets if a.check_keys and not a.keys)
         # run on its own (no partition), the check verifies every row file of the model
         result = dg.materialize(
             [embeddings, checks],
@@ -272,3 +277,18 @@ def test_webserver_serves_the_asset_graph_and_recorded_materialisations(served):
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+
+
+def test_checks_fail_when_there_is_no_file_to_check(tmp_path):
+    """Checks run on their own over a model with no embedding files must not report a pass."""
+    assets = pipeline_assets("S2L2A", MODEL)
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            assets,
+            instance=instance,
+            resources=local_resources(tmp_path, MODEL, SIZE),
+            selection=dg.AssetSelection.checks_for_assets(keys.embeddings_key(MODEL)),
+            raise_on_error=False,
+        )
+    outcome = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert len(outcome) == 5 and not any(outcome.values()), outcome

@@ -213,7 +213,8 @@ def build_embedding_checks(model: str) -> dg.AssetChecksDefinition:
             yield dg.AssetCheckResult(
                 check_name=name,
                 asset_key=asset_key,
-                passed=not bad_rows and not missing,
+                # no file checked is not a pass: a check that cannot fail proves nothing
+                passed=bool(results[name]) and not bad_rows and not missing,
                 metadata={
                     "rows checked": len(results[name]),
                     "failing rows": ", ".join(bad_rows) or "none",
