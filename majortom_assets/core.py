@@ -93,6 +93,15 @@ class SampleError(Exception):
                                         type(self), self._extra()))
 
 
+def check_sample_identity(raw: Mapping[str, Any], product_id: str, grid_cell: str, *, parquet_row: Any,
+                          file: str | None) -> None:
+    """SampleError unless the row group read (`raw`, with its ``product_id`` / ``grid_cell``) holds
+    the sample the metadata names; the error names the shard file and the row group."""
+    if raw.get("product_id") != product_id or raw.get("grid_cell") != grid_cell:
+        raise SampleError(f"row group {parquet_row} holds {raw.get('product_id')} / {raw.get('grid_cell')}, "
+                          f"not the metadata's sample", product_id=product_id, grid_cell=grid_cell, file=file)
+
+
 class BandSizeError(SampleError):
     """A band whose pixel size differs from its nominal resolution's share of the 10 m image.
 
@@ -465,10 +474,7 @@ class CoreCollection:
         else:   # a subclass hooks read_raw (fault injection, caching): honour it
             raw = self.read_raw(parquet_url, _row_value(row, "parquet_row"), columns,
                                 product_id=product_id, grid_cell=grid_cell)
-        if raw["product_id"] != product_id or raw["grid_cell"] != grid_cell:
-            raise SampleError(f"row group {_row_value(row, 'parquet_row')} holds "
-                              f"{raw['product_id']} / {raw['grid_cell']}, not the metadata's sample",
-                              product_id=product_id, grid_cell=grid_cell, file=path)
+        check_sample_identity(raw, product_id, grid_cell, parquet_row=_row_value(row, "parquet_row"), file=path)
         pixels, crs, transform = decode_bands(raw, bands, size, product_id=product_id, grid_cell=grid_cell,
                                               file=path, max_workers=max_workers)
         try:

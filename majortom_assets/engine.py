@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from majortom_assets import geoparquet
 from majortom_assets.core import (
+    REQUIRED_METADATA_COLUMNS,
     BandSizeError,
     CoreCollection,
     SampleError,
@@ -307,7 +308,7 @@ class _Run:
 
 def _records(metadata: pd.DataFrame) -> Iterator[dict[str, Any]]:
     """Metadata rows as dicts, lazily (a whole-archive frame would not fit as a list of dicts)."""
-    missing = [c for c in ("product_id", "grid_cell", "parquet_url", "parquet_row") if c not in metadata.columns]
+    missing = [c for c in REQUIRED_METADATA_COLUMNS if c not in metadata.columns]
     if missing:
         raise ValueError(f"metadata lacks column(s) {missing}; pass rows of CoreCollection.metadata()")
     columns = list(metadata.columns)

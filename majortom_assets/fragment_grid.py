@@ -85,9 +85,23 @@ def samples_fragment_rows(collection: CoreCollection, samples: pd.DataFrame, sou
             height, width, transform, crs = sample_grid(raw[band])
             tables.append(fragment_rows(source, sample, size, overlap, height, width, transform, crs))
         except (SampleError, ValueError, OSError) as exc:
+            error = _located(exc, collection, sample, band)
             skipped.append({"source": source, "product_id": sample.product_id, "grid_cell": sample.grid_cell,
-                            "stage": "fragment grid", "reason": str(exc)})
+                            "stage": "fragment grid", "reason": str(error)})
     return tables, skipped
+
+
+def _located(exc: Exception, collection: CoreCollection, sample: Any, band: str) -> SampleError:
+    """`exc` as a SampleError naming the sample, its reference band and its shard file."""
+    try:
+        file = collection.shard_path(sample.parquet_url)
+    except ValueError:
+        file = None
+    if isinstance(exc, SampleError):   # keep its own reason / band / file, without repeating the location
+        return SampleError(exc.reason, band=exc.band or band, product_id=str(sample.product_id),
+                           grid_cell=str(sample.grid_cell), file=exc.file or file)
+    return SampleError(str(exc), band=band, product_id=str(sample.product_id), grid_cell=str(sample.grid_cell),
+                       file=file)
 
 
 def write_fragment_file(path: str | os.PathLike, tables: list[pa.Table]) -> int:

@@ -19,7 +19,7 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata as _pkg_metadata
@@ -406,23 +406,33 @@ def _package_version() -> str:
         return "unknown"
 
 
-def read_info(path: str | os.PathLike) -> EmbeddingFileInfo:
-    meta = pq.read_schema(path).metadata or {}
+def _info_from_metadata(meta: Mapping[bytes, bytes] | None, path: str | os.PathLike) -> EmbeddingFileInfo:
+    meta = meta or {}
     if META_INFO not in meta:
         raise ValueError(f"{path}: not a Major TOM embedding file (no {META_INFO.decode()!r} metadata)")
     return EmbeddingFileInfo.model_validate_json(meta[META_INFO])
 
 
-def read_geo_metadata(path: str | os.PathLike) -> dict:
-    """The GeoParquet `geo` metadata as stored in the Parquet footer."""
-    meta = pq.read_metadata(path).metadata or {}
+def _geo_from_metadata(meta: Mapping[bytes, bytes] | None, path: str | os.PathLike) -> dict:
+    meta = meta or {}
     if META_GEO not in meta:
         raise ValueError(f"{path}: no GeoParquet 'geo' metadata")
     return json.loads(meta[META_GEO])
 
 
+def read_info(path: str | os.PathLike) -> EmbeddingFileInfo:
+    return _info_from_metadata(pq.read_schema(path).metadata, path)
+
+
+def read_geo_metadata(path: str | os.PathLike) -> dict:
+    """The GeoParquet `geo` metadata as stored in the Parquet footer."""
+    return _geo_from_metadata(pq.read_metadata(path).metadata, path)
+
+
 # ------------------------------------------------------------------------------ atomic output
-def _fsync_path(path: Path, directory: bool = False) -> None:
+def fsync_path(path: str | os.PathLike, directory: bool = False) -> None:
+    """Flush `path` (a file, or with `directory` a directory's entries) to stable storage;
+    best-effort where the platform or filesystem cannot."""
     try:
         fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
     except OSError:
@@ -602,9 +612,9 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         if not tmp.exists():
             raise FileNotFoundError(f"nothing was written to the temporary file for {path}")
-        _fsync_path(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
-        _fsync_path(path.parent, directory=True)
+        fsync_path(path.parent, directory=True)
 
 
 # ------------------------------------------------------------------------------------- writer
@@ -846,33 +856,34 @@ class VerifyReport:
 def verify_file(path: str | os.PathLike, batch_size: int = 8192) -> VerifyReport:
     """Recompute every unique_id, streaming batch by batch (memory bounded by `batch_size`)."""
     report = VerifyReport(path=str(path), rows=0)
-    pf = pq.ParquetFile(path)
-    try:
-        info = read_info(path)
-        expected = embedding_schema(info.embedding_dim)
-        if not pf.schema_arrow.equals(expected, check_metadata=False):
-            report.problems.append(f"schema differs from Table 2 with dim {info.embedding_dim}")
-    except ValueError as exc:
-        report.problems.append(str(exc))
-    try:
-        geo = read_geo_metadata(path)
-        if geo.get("version") != GEOPARQUET_VERSION or "geometry" not in geo.get("columns", {}):
-            report.problems.append("geo metadata is not GeoParquet 1.1 for column 'geometry'")
-    except ValueError as exc:
-        report.problems.append(str(exc))
-    missing = [c for c in _HASHED_COLUMNS if c not in pf.schema_arrow.names]
-    if missing:
-        report.problems.append(f"missing columns {missing}")
-        return report
-    for batch in pf.iter_batches(batch_size=batch_size, columns=_HASHED_COLUMNS):
-        report.rows += batch.num_rows
-        stored = np.asarray(batch.column("unique_id").to_pylist(), dtype=object)
+    with pq.ParquetFile(path) as pf:   # one handle: schema, footer metadata and batches
+        footer = pf.metadata.metadata
         try:
-            fresh = unique_ids(batch.column("geometry"), batch.column("timestamp"),
-                               batch.column("product_id"), embedding_matrix(batch.column("embedding")))
-        except (ValueError, TypeError) as exc:
-            report.problems.append(f"rows {report.rows - batch.num_rows}..{report.rows - 1}: {exc}")
-            continue
-        bad = stored != fresh
-        report.mismatched_ids.extend(str(s) for s in stored[bad])
+            info = _info_from_metadata(footer, path)
+            expected = embedding_schema(info.embedding_dim)
+            if not pf.schema_arrow.equals(expected, check_metadata=False):
+                report.problems.append(f"schema differs from Table 2 with dim {info.embedding_dim}")
+        except ValueError as exc:
+            report.problems.append(str(exc))
+        try:
+            geo = _geo_from_metadata(footer, path)
+            if geo.get("version") != GEOPARQUET_VERSION or "geometry" not in geo.get("columns", {}):
+                report.problems.append("geo metadata is not GeoParquet 1.1 for column 'geometry'")
+        except ValueError as exc:
+            report.problems.append(str(exc))
+        missing = [c for c in _HASHED_COLUMNS if c not in pf.schema_arrow.names]
+        if missing:
+            report.problems.append(f"missing columns {missing}")
+            return report
+        for batch in pf.iter_batches(batch_size=batch_size, columns=_HASHED_COLUMNS):
+            report.rows += batch.num_rows
+            stored = np.asarray(batch.column("unique_id").to_pylist(), dtype=object)
+            try:
+                fresh = unique_ids(batch.column("geometry"), batch.column("timestamp"),
+                                   batch.column("product_id"), embedding_matrix(batch.column("embedding")))
+            except (ValueError, TypeError) as exc:
+                report.problems.append(f"rows {report.rows - batch.num_rows}..{report.rows - 1}: {exc}")
+                continue
+            bad = stored != fresh
+            report.mismatched_ids.extend(str(s) for s in stored[bad])
     return report

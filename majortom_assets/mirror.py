@@ -21,10 +21,11 @@ from majortom_assets.core import (
     CoreCollection,
     SampleError,
     SampleFailure,
+    check_sample_identity,
     failures_from_table,
     failures_table,
 )
-from majortom_assets.geoparquet import atomic_output, read_table, temp_output
+from majortom_assets.geoparquet import atomic_output, fsync_path, read_table, temp_output
 
 METADATA_FILE = "metadata.parquet"
 FAILURES_FILE = "failures.parquet"
@@ -61,11 +62,8 @@ def copy_samples(
                         writer = pq.ParquetWriter(tmp_images, schema, compression="zstd")
                     raw = collection.read_raw(row.parquet_url, row.parquet_row, schema.names,
                                               product_id=row.product_id, grid_cell=row.grid_cell)
-                    if raw.get("product_id") != row.product_id or raw.get("grid_cell") != row.grid_cell:
-                        raise SampleError(
-                            f"row group holds {raw.get('product_id')} / {raw.get('grid_cell')}, not the metadata's sample",
-                            product_id=row.product_id, grid_cell=row.grid_cell,
-                        )
+                    check_sample_identity(raw, row.product_id, row.grid_cell, parquet_row=row.parquet_row,
+                                          file=collection.shard_path(row.parquet_url))
                     writer.write_table(pa.Table.from_pylist([raw], schema=schema))
                     digest.update(f"{row.product_id}/{row.grid_cell}/{row.parquet_url}/{row.parquet_row}".encode())
                     kept.append(i)
@@ -76,7 +74,9 @@ def copy_samples(
                 writer.close()
         name = f"images/samples-{digest.hexdigest()[:16]}.parquet"
         if kept:
+            fsync_path(tmp_images)   # durable before metadata.parquet (the commit point) names it
             tmp_images.replace(out_dir / name)
+            fsync_path(images, directory=True)
     with atomic_output(out_dir / FAILURES_FILE) as tmp:
         pq.write_table(failures_table([SampleFailure(str(s["product_id"]), str(s["grid_cell"]), s["reason"],
                                                      SHARD_COPY_STAGE) for s in skipped]), tmp)

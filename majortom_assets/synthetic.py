@@ -17,10 +17,8 @@ import argparse
 import hashlib
 import io
 import os
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -36,17 +34,12 @@ from pyproj import Transformer
 from rasterio.io import MemoryFile
 
 from majortom_assets import grid
-from majortom_assets.core import S1RTC_BANDS, S2L1C_BANDS, S2L2A_BANDS
+from majortom_assets.core import NOMINAL_PIXEL_M, S1RTC_BANDS, S2L1C_BANDS, S2L2A_BANDS, band_factor
+from majortom_assets.geoparquet import atomic_output
 
 Source = Literal["S2L1C", "S2L2A", "S1RTC"]
 LAND_COVER_CLASSES: tuple[str, ...] = ("water", "forest", "cropland", "urban", "bare", "snow")
-PIXEL_METRES = 10.0
-BAND_FACTOR: dict[str, int] = {   # pixel size relative to 10 m
-    **{b: 1 for b in ("B02", "B03", "B04", "B08")},
-    **{b: 2 for b in ("B05", "B06", "B07", "B8A", "B11", "B12")},
-    **{b: 6 for b in ("B01", "B09", "B10")},
-    "vv": 1, "vh": 1, "cloud_mask": 1,
-}
+PIXEL_METRES = float(NOMINAL_PIXEL_M)   # band pixel sizes relative to it: core.band_factor
 
 # Surface reflectance x1e4 per class, in S2L1C_BANDS order (B01..B08, B8A, B09, B10, B11, B12):
 # textbook shapes (water dark and falling, vegetation red edge + NIR plateau, soil rising to SWIR,
@@ -324,8 +317,8 @@ def _render(layout: _Layout, cfg: SyntheticConfig, acq: _Acquisition, rng: np.ra
     # one noise draw per resolution; each band takes a shifted window of it
     columns = [c for c in cfg.band_columns if c != "cloud_mask"]
     out: dict[str, np.ndarray] = {}
-    for f in sorted({BAND_FACTOR[c] for c in columns}):
-        cols = [c for c in columns if BAND_FACTOR[c] == f]
+    for f in sorted({band_factor(c) for c in columns}):
+        cols = [c for c in columns if band_factor(c) == f]
         idx = [band_names.index(c) for c in cols]
         n = size // f
         k = maps_10m.shape[0]
@@ -434,19 +427,6 @@ def _acquisitions(grid_cell: str, place: CellPlacement, cfg: SyntheticConfig) ->
     return out
 
 
-@contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _shard_schema(band_columns: Sequence[str]) -> pa.Schema:
     fields = [pa.field("product_id", pa.string()), pa.field("grid_cell", pa.string()),
               pa.field("product_datetime", pa.string()), pa.field("thumbnail", pa.binary())]
@@ -469,7 +449,7 @@ def _make_sample(cfg: SyntheticConfig, layout: _Layout, place: CellPlacement, ac
     product_id = _product_id(cfg.source, acq.when, place, rng)
 
     def encode(column: str) -> bytes:
-        f = BAND_FACTOR[column]
+        f = band_factor(column)
         a, b, c, d, e, ff = place.transform
         return encode_geotiff(bands[column], (a * f, b, c, d, e * f, ff), place.epsg, cfg.compress,
                               nodata=None if column == "cloud_mask" else 0)
@@ -510,7 +490,7 @@ def generate_collection(out_dir: str | os.PathLike, source: Source, cells: Seque
     with ThreadPoolExecutor(2) as pool:
         for shard, first in enumerate(range(0, len(jobs), cfg.samples_per_shard)):
             shard_name = f"part_{shard:05d}.parquet"
-            with _atomic_path(out / "images" / shard_name) as tmp, pq.ParquetWriter(
+            with atomic_output(out / "images" / shard_name) as tmp, pq.ParquetWriter(
                     tmp, schema, compression=compression, use_dictionary=False,
                     write_statistics=["product_id", "grid_cell", "product_datetime"]) as writer:
                 for row_in_shard, (cell, t) in enumerate(jobs[first: first + cfg.samples_per_shard]):
@@ -540,9 +520,9 @@ def generate_collection(out_dir: str | os.PathLike, source: Source, cells: Seque
     labels = pa.table({"grid_cell": cell_names,
                        "class_id": pa.array([cell_class(c, cfg.seed) for c in cell_names], pa.int32()),
                        "class_name": [LAND_COVER_CLASSES[cell_class(c, cfg.seed)] for c in cell_names]})
-    with _atomic_path(out / "labels.parquet") as tmp:
+    with atomic_output(out / "labels.parquet") as tmp:
         pq.write_table(labels, tmp)
-    with _atomic_path(out / "metadata.parquet") as tmp:
+    with atomic_output(out / "metadata.parquet") as tmp:
         pq.write_table(metadata, tmp)
     return out
 

@@ -175,6 +175,7 @@ def test_unreadable_samples_are_skipped_and_the_rest_kept(collections):
     entry = skipped[0]
     assert (entry["source"], entry["product_id"], entry["grid_cell"]) == ("S1RTC", meta.product_id[1], meta.grid_cell[1])
     assert "undecodable GeoTIFF" in entry["reason"]
+    assert "band=vv" in entry["reason"] and f"file={good.shard_path(meta.parquet_url[1])}" in entry["reason"]
     missing = meta.copy()
     missing.loc[0, "parquet_row"] = 999
     _, skipped = fragment_grid.samples_fragment_rows(good, missing, "S1RTC", FRAGMENT, OVERLAP)

@@ -89,6 +89,8 @@ def test_unreadable_samples_are_skipped_and_named(source, selection, tmp_path):
     assert [s["grid_cell"] for s in skipped] == list(bad.grid_cell[[1, 2]])
     assert "parquet_row 99" in skipped[0]["reason"] and bad.product_id[1] in skipped[0]["reason"]
     assert "not the metadata's sample" in skipped[1]["reason"]
+    assert f"row group {bad.parquet_row[2]} holds" in skipped[1]["reason"]       # the row group and
+    assert f"file={source.shard_path(bad.parquet_url[2])}" in skipped[1]["reason"]   # the shard named
     copy, meta = mirror.open_copy(tmp_path / "copy")
     assert pq.ParquetFile(copy.shard_path(meta.parquet_url[0])).num_row_groups == 2
 

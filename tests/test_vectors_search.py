@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -10,7 +13,7 @@ import pytest
 from majortom_assets import geoparquet
 from majortom_assets.fragment import fragment_layout
 from majortom_assets.grid import get_grid
-from majortom_assets.vectors import search, testdata
+from majortom_assets.vectors import files, search, testdata
 
 K = 10
 
@@ -173,6 +176,56 @@ def test_rebuild_replaces_directory_atomically(data, tmp_path):
     manifest = search.build_index(data.paths, out, kind="auto")
     assert manifest["kind"] == "flat" and len(search.SearchIndex.load(out)) > len(first)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]  # no temp dirs left
+
+
+def test_query_by_cell_after_a_partition_changed_asks_for_a_rebuild(tmp_path):
+    cells = testdata.cells_in_rows([0, 1], 3)
+    data = testdata.write_synthetic(tmp_path / "emb", cells=cells, dim=16, seed=1)
+    search.build_index(data.paths, tmp_path / "idx", kind="flat", model=data.model)
+    idx = search.SearchIndex.load(tmp_path / "idx")
+    assert len(idx.query(cell=cells[0], k=3)) == 3
+    testdata.write_synthetic(tmp_path / "emb", cells=cells, dim=16, seed=2)   # same rows, new vectors
+    with pytest.raises(ValueError, match=r"changed since .* indexed.*majortom index"):
+        idx.query(cell=cells[0], k=3)
+
+
+def test_atomic_directory_restores_old_when_swap_fails(tmp_path, monkeypatch):
+    out = tmp_path / "idx"
+    with files.atomic_directory(out) as tmp:
+        (tmp / "a.txt").write_text("old")
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if Path(src).name.startswith(".idx.tmp-"):   # the second rename: new directory into place
+            raise OSError("simulated failure renaming the new directory into place")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="simulated"), files.atomic_directory(out) as tmp:
+        (tmp / "a.txt").write_text("new")
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert (out / "a.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]  # no temp or old dirs left
+
+
+def test_atomic_directory_recovers_after_crash_between_renames(tmp_path):
+    out = tmp_path / "idx"
+    with files.atomic_directory(out) as tmp:
+        (tmp / "a.txt").write_text("old")
+    # a crash after moving the old directory aside, before the new one was renamed in
+    aside = tmp_path / ".idx.old-crashed"
+    aside.mkdir()
+    os.replace(out, aside / "idx")
+    files.recover_directory(out)
+    assert (out / "a.txt").read_text() == "old" and not aside.exists()
+    # the next write also recovers first, then replaces
+    aside.mkdir()
+    os.replace(out, aside / "idx")
+    with files.atomic_directory(out) as tmp:
+        assert (out / "a.txt").read_text() == "old"
+        (tmp / "a.txt").write_text("new")
+    assert (out / "a.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
 
 
 def test_exact_search_reference(data, truth):

@@ -204,25 +204,86 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def _fsync_tree(root: Path) -> None:
+    """fsync every file under `root`, then each directory's entries."""
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            geoparquet.fsync_path(Path(dirpath) / name)
+        geoparquet.fsync_path(dirpath, directory=True)
+
+
+def _old_copies(final: Path) -> list[Path]:
+    """Sibling ``.<name>.old-*`` directories that `atomic_directory` moved a previous `final` into."""
+    prefix = f".{final.name}.old-"
+    if not final.parent.is_dir():
+        return []
+    return [p for p in final.parent.iterdir() if p.name.startswith(prefix) and p.is_dir()]
+
+
+def recover_directory(path: str | os.PathLike) -> None:
+    """Finish what a crash inside `atomic_directory`'s swap left behind.
+
+    If `path` is missing and a moved-aside old copy exists (the crash fell between the two
+    renames), the newest such copy is renamed back into place; left-over old copies beside an
+    existing `path` (a crash after the swap, before clean-up) are removed.
+    """
+    final = Path(path)
+    olds = _old_copies(final)
+    if not final.exists():
+        saved = [d / final.name for d in olds if (d / final.name).is_dir()]
+        if saved:
+            newest = max(saved, key=lambda p: p.stat().st_mtime_ns)
+            os.replace(newest, final)
+            geoparquet.fsync_path(final.parent, directory=True)
+    if final.exists():
+        for old in olds:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty sibling temp directory that replaces ``path`` only if the block succeeds.
 
-    A directory cannot be renamed over a non-empty one, so the old directory is moved aside first
-    and removed after the swap; readers see either the complete old or the complete new content.
+    What is guaranteed, for a single writer of ``path``:
+
+    * if the block fails, the temp directory is removed and ``path`` is untouched;
+    * the new directory's files and directory entries are fsynced before it is swapped in, so
+      ``path`` never names a partly written directory, before or after a crash;
+    * the swap itself is *not* atomic: Linux cannot rename a directory over a non-empty one
+      (``os.replace`` fails with ENOTEMPTY), so the old directory is first renamed aside into a
+      sibling ``.<name>.old-*`` directory and the new one is then renamed into place. Between
+      those two renames ``path`` is briefly missing (a reader sees no directory, never a mixed
+      one). If the second rename fails, the old directory is renamed back and the error raised;
+      if the process dies in that window, the old directory survives under ``.<name>.old-*`` and
+      the next `atomic_directory` (or `recover_directory`) call on ``path`` restores it first;
+    * the old directory is deleted only once the new one is in place.
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
+    recover_directory(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
+        _fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
-    if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-        os.replace(final, old / final.name)
-    os.replace(tmp, final)
+    try:
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            os.replace(final, old / final.name)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            if old is not None and not final.exists():
+                os.replace(old / final.name, final)   # put the old directory back
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    geoparquet.fsync_path(final.parent, directory=True)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

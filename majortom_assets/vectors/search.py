@@ -239,17 +239,29 @@ class _Meta:
     time: np.ndarray
 
 
-def _read_rows(path: Path, rows: np.ndarray) -> np.ndarray:
-    """Embeddings at the given row positions of one file, reading only their row groups."""
-    pf = pq.ParquetFile(path)
-    bounds = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
-    groups = np.unique(np.searchsorted(bounds, rows, side="right") - 1)
-    table = pf.read_row_groups(groups.tolist(), columns=["embedding"])
-    local = np.concatenate([np.arange(bounds[g], bounds[g + 1]) for g in groups])
-    pos = np.searchsorted(local, rows)
+def _read_rows(path: Path, rows: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings and unique_ids at the given row positions of one file, reading only their row
+    groups; rows past the file's end (it shrank), or of another dimension, come back as zeros
+    with unique_id None."""
     from majortom_assets.geoparquet import embedding_matrix
 
-    return embedding_matrix(table.column("embedding"))[pos]
+    x = np.zeros((len(rows), dim), np.float32)
+    uids = np.full(len(rows), None, dtype=object)
+    with pq.ParquetFile(path) as pf:
+        bounds = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
+        inside = rows < bounds[-1]
+        if not inside.any():
+            return x, uids
+        groups = np.unique(np.searchsorted(bounds, rows[inside], side="right") - 1)
+        table = pf.read_row_groups(groups.tolist(), columns=["embedding", "unique_id"])
+    local = np.concatenate([np.arange(bounds[g], bounds[g + 1]) for g in groups])
+    pos = np.searchsorted(local, rows[inside])
+    found = embedding_matrix(table.column("embedding"))
+    if found.shape[1] != dim:   # rewritten by another model: no row is the indexed one
+        return x, uids
+    x[inside] = found[pos]
+    uids[inside] = table.column("unique_id").to_numpy(zero_copy_only=False)[pos]
+    return x, uids
 
 
 class SearchIndex:
@@ -291,10 +303,16 @@ class SearchIndex:
         ids = np.asarray(ids, dtype=np.int64)
         src = self._meta.table.column("source").to_numpy()[ids]
         srow = self._meta.table.column("source_row").to_numpy()[ids]
+        expected = self._meta.table.column("unique_id").to_numpy(zero_copy_only=False)[ids]
         out = np.empty((len(ids), self.dim), np.float32)
         for s in np.unique(src):
             sel = src == s
-            out[sel] = _read_rows(Path(self.manifest["sources"][int(s)]["path"]), srow[sel])
+            path = Path(self.manifest["sources"][int(s)]["path"])
+            x, uids = _read_rows(path, srow[sel], self.dim)
+            if (uids != expected[sel]).any():
+                raise ValueError(f"{path} changed since {self.directory} was indexed (its rows no longer "
+                                 f"hold the indexed unique_ids); rebuild the index with `majortom index`")
+            out[sel] = x
         return out
 
     def ids_of_cell(self, grid_cell: str) -> np.ndarray:
