@@ -15,7 +15,7 @@ from majortom_assets.defs.partitions import GRID_ROWS, new_row_keys, register_ro
 from majortom_assets.defs.resources import MajorTomSettings, build_resources
 from majortom_assets.defs.schedules import missing_row_requests
 from majortom_assets.defs.sensors import evaluate_new_samples
-from majortom_assets.defs.storage import StorageLayout, StoragePathError, validate_row_key
+from majortom_assets.layout import StorageLayout, StoragePathError, validate_row_key
 from majortom_assets.models.spec import MODEL_SPECS
 
 REPO = Path(__file__).resolve().parents[1]

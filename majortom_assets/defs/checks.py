@@ -25,8 +25,8 @@ import shapely
 from majortom_assets import geoparquet, grid
 from majortom_assets.defs import keys, presentation
 from majortom_assets.defs.resources import StorageResource, load_settings
-from majortom_assets.defs.storage import StoragePathError
 from majortom_assets.fragment import fragment_layout
+from majortom_assets.layout import StoragePathError
 from majortom_assets.models.spec import MODEL_SPECS
 
 PIXEL_METRES = 10.0

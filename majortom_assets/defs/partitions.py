@@ -15,7 +15,7 @@ import dagster as dg
 import numpy as np
 
 from majortom_assets import grid
-from majortom_assets.defs.storage import StoragePathError, validate_row_key
+from majortom_assets.layout import StoragePathError, validate_row_key
 
 GRID_ROWS = dg.DynamicPartitionsDefinition(name="grid_rows")
 

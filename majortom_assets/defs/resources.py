@@ -24,7 +24,7 @@ import dagster as dg
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from majortom_assets.defs import keys
-from majortom_assets.defs.storage import StorageLayout
+from majortom_assets.layout import StorageLayout
 from majortom_assets.models.spec import MODEL_SPECS
 
 Environment = Literal["local", "prod"]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 IMAGE_SIZE = 384  # small samples: a 224 px model cuts 2 x 2 fragments from each
 

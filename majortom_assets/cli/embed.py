@@ -1,37 +1,28 @@
-"""The `majortom` command.
+"""`majortom embed`: a Core collection into Table 2 GeoParquet files, one per grid row.
 
     majortom embed --collection data/collections/Core-S2L1C --model ssl4eo-s2 --weights pretrained \\
         --out data/embeddings --rows 136U 137U
 
-writes one GeoParquet per grid row to OUT/<model>/row=<ROW>/embeddings.parquet (atomically).
-`--tiny` swaps in a small random model of the same architecture (tests and demos; its embedding
-dimension is smaller, see majortom_assets.models). Vector subcommands (search, export, pca-map,
-evaluate, timeseries, sql) come from `majortom_assets.vectors.commands` when it is installed.
+writes OUT/<model>/row=<ROW>/embeddings.parquet (atomically). `--tiny` swaps in a small random model
+of the same architecture (tests and demos; its embedding dimension is smaller, see
+majortom_assets.models).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 from pydantic import ValidationError
 
+from majortom_assets.cli.common import describe, fail, split_list
+
 MAX_LISTED_FAILURES = 20
-_OPTIONAL_COMMAND_MODULES = {"majortom_assets.vectors.commands", "majortom_assets.vectors"}
 
 
-def _split_list(values: Sequence[str] | None) -> list[str] | None:
-    """`--rows 136U 137U` and `--rows 136U,137U` both work."""
-    if not values:
-        return None
-    return [item.strip() for value in values for item in value.split(",") if item.strip()]
-
-
-def _add_embed(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     from majortom_assets.models import MODEL_SPECS
 
     p = subparsers.add_parser(
@@ -61,35 +52,6 @@ def _add_embed(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_embed)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="majortom", description="Major TOM embedding expansions.")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_embed(subparsers)
-    try:
-        vector_commands = importlib.import_module("majortom_assets.vectors.commands")
-    except ModuleNotFoundError as exc:
-        if exc.name not in _OPTIONAL_COMMAND_MODULES:
-            raise
-    else:
-        vector_commands.register(subparsers)
-    return parser
-
-
-def _describe(exc: Exception) -> str:
-    """One line per problem, without pydantic's URLs."""
-    if isinstance(exc, ValidationError):
-        return "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or exc.title}: {err['msg'].removeprefix('Value error, ')}"
-            for err in exc.errors()
-        )
-    return str(exc)
-
-
-def _fail(message: str) -> int:
-    print(f"majortom: error: {message}", file=sys.stderr)
-    return 2
-
-
 def run_embed(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -103,14 +65,14 @@ def run_embed(args: argparse.Namespace) -> int:
                               decode_workers=args.decode_workers, image_size=args.image_size)
         device = config.resolve_device()
         config.resolve_precision(device)
-        flt = MetadataFilter(rows=_split_list(args.rows), limit=args.limit)
+        flt = MetadataFilter(rows=split_list(args.rows), limit=args.limit)
     except (ValidationError, ValueError) as exc:
-        return _fail(_describe(exc))
+        return fail(describe(exc))
     try:
         collection = CoreCollection(str(args.collection))
         metadata = collection.metadata(flt)
     except (FileNotFoundError, ValueError) as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     if metadata.empty:
         print("no samples match the selection; nothing to embed", file=sys.stderr)
         return 1
@@ -118,7 +80,7 @@ def run_embed(args: argparse.Namespace) -> int:
         embedder = load_embedder(args.model, args.weights, tiny=args.tiny, seed=args.seed,
                                  reference_compatible=args.reference_compatible)
     except (WeightsUnavailableError, ValueError, TypeError, FileNotFoundError) as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     if embedder.weights.random:
         print(f"WARNING: {args.model} uses RANDOM weights ({embedder.weights.name}); the embeddings carry no "
               "meaning and the files are flagged random_weights=true", file=sys.stderr)
@@ -155,13 +117,3 @@ def _print_summary(stats, n_rows: int, out_dir: Path) -> None:
             print(f"  {failure.grid_cell} {failure.product_id}: {failure.reason}")
         if len(stats.failures) > MAX_LISTED_FAILURES:
             print(f"  ... and {len(stats.failures) - MAX_LISTED_FAILURES} more")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -22,7 +22,7 @@ from deploy_support import (
 )
 
 from majortom_assets.defs.partitions import register_rows as register_rows_in
-from majortom_assets.defs.storage import StorageLayout, StoragePathError, validate_row_key
+from majortom_assets.layout import StorageLayout, StoragePathError, validate_row_key
 
 ROW = "6U"
 FAKE_TOKEN = "hf_FAKEtoken0123456789abcdefSECRET"

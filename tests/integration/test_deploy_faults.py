@@ -29,7 +29,7 @@ from deploy_support import (
 )
 
 from majortom_assets import geoparquet
-from majortom_assets.defs.storage import StorageLayout
+from majortom_assets.layout import StorageLayout
 
 pytestmark = pytest.mark.slow
 

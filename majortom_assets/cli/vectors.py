@@ -1,15 +1,12 @@
 """`majortom` subcommands for vector work: index, search, export, pca-map, evaluate, timeseries, sql.
 
-``register(subparsers)`` is called by majortom_assets.cli. Every command works on a storage root
-(``--root``, default ``$MAJORTOM_HOME`` or ``./data``) laid out as in docs/architecture.md.
-Bad values are rejected by argparse with the offending text; library errors (unknown model, cell
-not in the index, ...) are printed as one line and exit with status 2.
+Every command works on a storage root (``--root``, default ``$MAJORTOM_HOME`` or ``./data``) laid
+out as in docs/architecture.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 from pathlib import Path
@@ -17,122 +14,34 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from majortom_assets.cli.common import (
+    add_root_model,
+    cell_arg,
+    date_arg,
+    float_arg,
+    handles_errors,
+    positive_int,
+    print_frame,
+    rows_list,
+    selected_paths,
+)
 from majortom_assets.vectors import files
-
-EXIT_USAGE = 2
-
-
-# ------------------------------------------------------------------------------- argument types
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _row(text: str) -> str:
-    from majortom_assets.grid import parse_row_name, row_name
-
-    try:
-        return str(row_name(parse_row_name(text)))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"bad grid row {text!r}: {exc}") from None
-
-
-def _cell(text: str) -> str:
-    from majortom_assets.grid import cell_name, parse_cell_name
-
-    try:
-        return str(cell_name(*parse_cell_name(text)))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"bad grid cell {text!r}: {exc}") from None
-
-
-def _float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not np.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def _date(text: str) -> pd.Timestamp:
-    try:
-        return pd.Timestamp(text)
-    except (ValueError, TypeError):
-        raise argparse.ArgumentTypeError(f"expected an ISO date such as 2021-06-30, got {text!r}") from None
-
-
-def _rows_list(values: list[str] | None) -> list[str] | None:
-    if not values:
-        return None
-    return [_row(v.strip()) for value in values for v in value.split(",") if v.strip()]
-
-
-# ---------------------------------------------------------------------------------- plumbing
-def _handles_errors(func):
-    """Library errors become one readable line and exit status 2, never a traceback."""
-
-    @functools.wraps(func)
-    def wrapper(args: argparse.Namespace) -> int:
-        try:
-            return int(func(args) or 0)
-        except (ValueError, KeyError, FileNotFoundError, RuntimeError) as exc:
-            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-            print(f"majortom {args.command}: error: {msg}", file=sys.stderr)
-            return EXIT_USAGE
-
-    return wrapper
-
-
-def _add_root_model(p: argparse.ArgumentParser, model_required: bool = True) -> None:
-    p.add_argument("--root", type=Path, default=files.default_root(),
-                   help="storage root holding embeddings/<model>/row=<ROW>/ (default: $MAJORTOM_HOME or ./data)")
-    if model_required:
-        p.add_argument("--model", required=True, help="model name, e.g. dinov2-rgb")
-    p.add_argument("--rows", nargs="+", help="restrict to these grid rows (e.g. 136U 12D or 136U,12D)")
-    p.add_argument("--no-progress", action="store_true", help="do not show progress bars")
-
-
-def _paths(args) -> list[Path]:
-    return files.model_paths(args.root, args.model, _rows_list(args.rows))
-
-
-def _print_frame(frame: pd.DataFrame, fmt: str) -> None:
-    if fmt == "json":
-        out = frame.copy()
-        if "geometry" in out:
-            import shapely
-
-            out["geometry"] = shapely.to_wkt(shapely.from_wkb(out["geometry"].to_numpy()), rounding_precision=6)
-        for col in out.columns:
-            if pd.api.types.is_datetime64_any_dtype(out[col]):
-                out[col] = out[col].map(lambda t: t.isoformat())
-        print(out.to_json(orient="records", indent=1, default_handler=str))
-    else:
-        with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_rows", 500):
-            print(frame.to_string(index=False))
 
 
 # ---------------------------------------------------------------------------------- commands
-@_handles_errors
+@handles_errors
 def run_index(args) -> int:
     from majortom_assets.vectors.search import IndexConfig, build_index
 
     out = args.out or args.root / "indexes" / args.model
     cfg = IndexConfig(kind=args.kind, nlist=args.nlist, nprobe=args.nprobe)
-    manifest = build_index(_paths(args), out, config=cfg, model=args.model, progress=not args.no_progress)
+    manifest = build_index(selected_paths(args), out, config=cfg, model=args.model, progress=not args.no_progress)
     print(f"{manifest['kind']} index of {manifest['count']} vectors (dim {manifest['dim']}) -> {out} "
           f"(train {manifest['train_seconds']} s, add {manifest['add_seconds']} s)")
     return 0
 
 
-@_handles_errors
+@handles_errors
 def run_search(args) -> int:
     from majortom_assets.vectors.search import SearchFilter, SearchIndex
 
@@ -144,7 +53,7 @@ def run_search(args) -> int:
                                 f"`majortom index --root {args.root} --model {args.model}`")
     index = SearchIndex.load(index_dir)
     flt = SearchFilter(bbox=tuple(args.bbox) if args.bbox else None, start=args.start, end=args.end,
-                       rows=_rows_list(args.rows))
+                       rows=rows_list(args.rows))
     vector = None
     if args.vector_file is not None:
         vector = _load_vector(args.vector_file)
@@ -153,7 +62,7 @@ def run_search(args) -> int:
                          cell_mode=args.cell_mode, exclude_query=args.exclude_query, nprobe=args.nprobe)
     cols = ["rank", "similarity", "distance", "grid_cell", "timestamp", "centre_lat", "centre_lon",
             "unique_id"] + (["geometry", "pixel_bbox", "product_id"] if args.format == "json" else [])
-    _print_frame(result[cols], args.format)
+    print_frame(result[cols], args.format)
     return 0
 
 
@@ -173,12 +82,12 @@ def _load_vector(path: Path) -> np.ndarray:
     return vec
 
 
-@_handles_errors
+@handles_errors
 def run_export(args) -> int:
     from majortom_assets.vectors.quantize import export, verify_export
 
     out = args.out or args.root / "exports" / args.model / args.precision
-    manifest = export(_paths(args), out, args.precision, model=args.model, progress=not args.no_progress)
+    manifest = export(selected_paths(args), out, args.precision, model=args.model, progress=not args.no_progress)
     print(f"{manifest['count']} × {manifest['dim']} {manifest['precision']} -> {out} "
           f"({manifest['bytes'] / 1e6:.1f} MB)")
     if args.verify:
@@ -190,11 +99,11 @@ def run_export(args) -> int:
     return 0
 
 
-@_handles_errors
+@handles_errors
 def run_pca_map(args) -> int:
     from majortom_assets.vectors.pca import StreamingPCA, pca_rgb_map
 
-    paths = _paths(args)
+    paths = selected_paths(args)
     out = args.out or args.root / "maps" / args.model
     pca = StreamingPCA(3).fit_files(paths, central_only=args.fit == "central", progress=not args.no_progress)
     pca.save(out / "pca_model.npz")
@@ -206,7 +115,7 @@ def run_pca_map(args) -> int:
     return 0
 
 
-@_handles_errors
+@handles_errors
 def run_evaluate(args) -> int:
     from majortom_assets.vectors.evaluate import EvalConfig, evaluate
 
@@ -214,7 +123,7 @@ def run_evaluate(args) -> int:
     models = args.models or files.known_models(args.root)
     if not models:
         raise ValueError(f"no models with embeddings under {args.root / 'embeddings'}")
-    rows = _rows_list(args.rows)
+    rows = rows_list(args.rows)
     paths = {m: files.model_paths(args.root, m, rows) for m in models}
     cfg = EvalConfig(folds=args.folds, k=args.k, label_column=args.label_column, fragments=args.fragments)
     report = evaluate(paths, labels, config=cfg)
@@ -234,11 +143,11 @@ def _read_labels(path: Path) -> pd.DataFrame:
     raise ValueError(f"labels file {path}: expected .parquet or .csv")
 
 
-@_handles_errors
+@handles_errors
 def run_timeseries(args) -> int:
     from majortom_assets.vectors.timeseries import change_scores, series_for
 
-    series = series_for(_paths(args), args.cell, args.pixel_bbox)
+    series = series_for(selected_paths(args), args.cell, args.pixel_bbox)
     per_fragment, per_cell = change_scores(series)
     if args.format == "json":
         print(json.dumps({
@@ -249,11 +158,11 @@ def run_timeseries(args) -> int:
         }, indent=1))
     else:
         print(f"{args.cell}: {len(series)} fragment series, {max((len(s) for s in series), default=0)} dates")
-        _print_frame(per_cell if not args.per_fragment else per_fragment, "table")
+        print_frame(per_cell if not args.per_fragment else per_fragment, "table")
     return 0
 
 
-@_handles_errors
+@handles_errors
 def run_sql(args) -> int:
     import duckdb
 
@@ -271,7 +180,7 @@ def run_sql(args) -> int:
         if args.format == "csv":
             frame.to_csv(sys.stdout, index=False)
         else:
-            _print_frame(frame, args.format)
+            print_frame(frame, args.format)
     finally:
         con.close()
     return 0
@@ -280,66 +189,66 @@ def run_sql(args) -> int:
 # ---------------------------------------------------------------------------------- register
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("index", help="build a similarity-search index of one model's embeddings")
-    _add_root_model(p)
+    add_root_model(p)
     p.add_argument("--out", type=Path, help="index directory (default: ROOT/indexes/MODEL)")
     p.add_argument("--kind", default="auto", choices=["auto", "flat", "ivffp16", "ivfsq8", "ivfpq", "hnsw"],
                    help="auto = exact flat up to 100k vectors, else IVF + float16 codes (ivffp16)")
-    p.add_argument("--nlist", type=_positive_int, help="IVF lists (default ~sqrt(N))")
-    p.add_argument("--nprobe", type=_positive_int, default=16, help="default lists probed per query")
+    p.add_argument("--nlist", type=positive_int, help="IVF lists (default ~sqrt(N))")
+    p.add_argument("--nprobe", type=positive_int, default=16, help="default lists probed per query")
     p.set_defaults(func=run_index)
 
     p = subparsers.add_parser("search", help="find the fragments most similar to a cell, fragment, place or vector")
-    _add_root_model(p)
+    add_root_model(p)
     p.add_argument("--index", type=Path, help="index directory (default: ROOT/indexes/MODEL)")
     q = p.add_mutually_exclusive_group(required=True)
-    q.add_argument("--cell", type=_cell, help="grid cell, e.g. 136U_496R")
+    q.add_argument("--cell", type=cell_arg, help="grid cell, e.g. 136U_496R")
     q.add_argument("--unique-id", help="fragment unique_id")
-    q.add_argument("--latlon", nargs=2, type=_float, metavar=("LAT", "LON"), help="a place; mapped to its cell")
+    q.add_argument("--latlon", nargs=2, type=float_arg, metavar=("LAT", "LON"), help="a place; mapped to its cell")
     q.add_argument("--vector-file", type=Path, help=".npy, .csv or whitespace-separated text with one vector")
-    p.add_argument("-k", type=_positive_int, default=10, help="results to return (default 10)")
-    p.add_argument("--bbox", nargs=4, type=_float, metavar=("W", "S", "E", "N"),
+    p.add_argument("-k", type=positive_int, default=10, help="results to return (default 10)")
+    p.add_argument("--bbox", nargs=4, type=float_arg, metavar=("W", "S", "E", "N"),
                    help="only fragments whose centre lies in this lon/lat box (W > E crosses 180°)")
-    p.add_argument("--start", type=_date, help="only fragments acquired on/after this date")
-    p.add_argument("--end", type=_date, help="only fragments acquired on/before this date")
+    p.add_argument("--start", type=date_arg, help="only fragments acquired on/after this date")
+    p.add_argument("--end", type=date_arg, help="only fragments acquired on/before this date")
     p.add_argument("--cell-mode", default="central", choices=["central", "mean"],
                    help="cell/latlon query vector: central fragment or mean of all fragments")
     p.add_argument("--exclude-query", action="store_true", help="leave out the query's own fragment/cell")
-    p.add_argument("--nprobe", type=_positive_int, help="IVF lists to probe (default from the index)")
+    p.add_argument("--nprobe", type=positive_int, help="IVF lists to probe (default from the index)")
     p.add_argument("--format", default="table", choices=["table", "json"])
     p.set_defaults(func=run_search)
 
     p = subparsers.add_parser("export", help="write a flat, memory-mappable (optionally quantised) copy")
-    _add_root_model(p)
+    add_root_model(p)
     p.add_argument("--precision", default="float16", choices=["float32", "float16", "int8"])
     p.add_argument("--out", type=Path, help="export directory (default: ROOT/exports/MODEL/PRECISION)")
     p.add_argument("--verify", action="store_true", help="re-read the GeoParquet and check the round trip")
     p.set_defaults(func=run_export)
 
     p = subparsers.add_parser("pca-map", help="global 3-component PCA of central fragments as an RGB world map")
-    _add_root_model(p)
+    add_root_model(p)
     p.add_argument("--out", type=Path, help="output directory (default: ROOT/maps/MODEL)")
     p.add_argument("--fit", default="central", choices=["central", "all"], help="fragments the PCA is fitted on")
     p.add_argument("--tif", action="store_true", help="also write an EPSG:4326 GeoTIFF")
-    p.add_argument("--width", type=_positive_int, default=2048)
-    p.add_argument("--height", type=_positive_int, default=1024)
-    p.add_argument("--marker", type=_positive_int, default=3, help="marker side in pixels")
+    p.add_argument("--width", type=positive_int, default=2048)
+    p.add_argument("--height", type=positive_int, default=1024)
+    p.add_argument("--marker", type=positive_int, default=3, help="marker side in pixels")
     p.set_defaults(func=run_pca_map)
 
     p = subparsers.add_parser("evaluate", help="k-NN and linear-probe accuracy of each model on cell labels")
-    _add_root_model(p, model_required=False)
+    add_root_model(p, model_required=False)
     p.add_argument("--models", nargs="+", help="models to compare (default: all under ROOT)")
     p.add_argument("--labels", type=Path, required=True,
                    help="parquet/csv with grid_cell (or lat, lon) and a label column")
     p.add_argument("--label-column", default="class_id")
-    p.add_argument("--folds", type=_positive_int, default=5)
-    p.add_argument("-k", type=_positive_int, default=5, help="k-NN neighbours (default 5)")
+    p.add_argument("--folds", type=positive_int, default=5)
+    p.add_argument("-k", type=positive_int, default=5, help="k-NN neighbours (default 5)")
     p.add_argument("--fragments", default="all", choices=["all", "central"])
     p.add_argument("--out", type=Path, help="report directory (default: ROOT/reports/evaluation)")
     p.set_defaults(func=run_evaluate)
 
     p = subparsers.add_parser("timeseries", help="embedding time series and change scores of one cell")
-    _add_root_model(p)
-    p.add_argument("--cell", type=_cell, required=True)
+    add_root_model(p)
+    p.add_argument("--cell", type=cell_arg, required=True)
     p.add_argument("--pixel-bbox", nargs=4, type=int, metavar=("R0", "C0", "R1", "C1"),
                    help="one fragment (default: all fragments of the cell)")
     p.add_argument("--per-fragment", action="store_true", help="table: per-fragment scores instead of cell means")

@@ -34,7 +34,7 @@ from majortom_assets.defs.partitions import register_rows
 from majortom_assets.demo import prepare_dagster_home
 from majortom_assets.fragment import fragment_layout
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 MODEL = "dinov2-rgb"
 SIZE = 384

@@ -1,0 +1,36 @@
+"""The `majortom` command line: one module per group of subcommands, each with `register(subparsers)`.
+
+    embed       majortom_assets.cli.embed     Core collection -> Table 2 GeoParquet files
+    index ...   majortom_assets.cli.vectors   index, search, export, pca-map, evaluate, timeseries, sql
+
+Shared argument types and error handling live in `majortom_assets.cli.common`. The command line
+knows nothing of Dagster: it calls the same library functions the assets call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from majortom_assets.cli import embed, vectors
+
+COMMAND_MODULES = (embed, vectors)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="majortom", description="Major TOM embedding expansions.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in COMMAND_MODULES:
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
