@@ -164,20 +164,15 @@ def run_timeseries(args) -> int:
 
 @handles_errors
 def run_sql(args) -> int:
-    import duckdb
-
-    from majortom_assets.vectors.sql import MODELS_VIEW, connect
+    from majortom_assets.vectors.sql import MODELS_VIEW, connect, lock_down, read_only_query
 
     con = connect(args.root)
     try:
+        lock_down(con, args.root)
+        frame = read_only_query(con, args.query or f"SELECT * FROM {MODELS_VIEW} ORDER BY model")
         if not args.query:
-            print(con.sql(f"SELECT * FROM {MODELS_VIEW} ORDER BY model").df().to_string(index=False))
-            return 0
-        try:
-            frame = con.sql(args.query).df()
-        except duckdb.Error as exc:
-            raise ValueError(f"query failed: {exc}") from None
-        if args.format == "csv":
+            print(frame.to_string(index=False))
+        elif args.format == "csv":
             frame.to_csv(sys.stdout, index=False)
         else:
             print_frame(frame, args.format)
@@ -255,7 +250,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--format", default="table", choices=["table", "json"])
     p.set_defaults(func=run_timeseries)
 
-    p = subparsers.add_parser("sql", help="run DuckDB SQL over the embeddings (one view per model)")
+    p = subparsers.add_parser("sql", help="run read-only DuckDB SQL over the embeddings (one view per model)")
     p.add_argument("--root", type=Path, default=files.default_root())
     p.add_argument("query", nargs="?", help="SQL to run; without it, list the model views")
     p.add_argument("--format", default="table", choices=["table", "json", "csv"])

@@ -18,6 +18,13 @@ import duckdb
 from majortom_assets.vectors import files
 
 MODELS_VIEW = "majortom_models"
+# What a user's query may be: reads only. EXPLAIN is allowed when what it explains is a read.
+READ_STATEMENTS = frozenset({duckdb.StatementType.SELECT})
+_EXPLAIN_PREFIX = re.compile(r"^\s*EXPLAIN(\s+ANALY[SZ]E)?\s+", re.IGNORECASE)
+
+
+class ReadOnlyQueryError(ValueError):
+    """A statement that would write, attach, install or change settings, given to a read-only connection."""
 
 
 def extension_directory() -> Path:
@@ -100,3 +107,60 @@ def open_database(path: str | os.PathLike, read_only: bool = True) -> duckdb.Duc
     })
     con.execute("LOAD spatial")
     return con
+
+
+def lock_down(con: duckdb.DuckDBPyConnection, root: str | os.PathLike) -> duckdb.DuckDBPyConnection:
+    """Confine a connection to reading under the storage root, for SQL typed by a user.
+
+    After this, files outside ``root`` cannot be read or written (``enable_external_access`` off
+    with ``root`` as the one allowed directory: no ``read_text('/etc/...')``, no http), extensions
+    are neither installed nor auto-loaded from the network, and ``lock_configuration`` stops the
+    query from switching any of it back. Statement types are checked by ``read_only_query``: the
+    allowed directory is needed to read the Parquet files, so a ``COPY ... TO`` inside the root
+    is refused there, not here.
+    """
+    allowed = str(Path(root).resolve()) + os.sep
+    con.execute(f"SET allowed_directories = [{_literal(allowed)}]")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("SET autoload_known_extensions = false")
+    con.execute("SET lock_configuration = true")
+    return con
+
+
+def _check_read_only(con: duckdb.DuckDBPyConnection, query: str) -> None:
+    try:
+        statements = con.extract_statements(query)
+    except duckdb.Error as exc:
+        raise ValueError(f"query failed: {exc}") from None
+    if not statements:
+        raise ReadOnlyQueryError("the query holds no SQL statement")
+    for statement in statements:
+        kind = statement.type
+        if kind == duckdb.StatementType.EXPLAIN:
+            inner = _EXPLAIN_PREFIX.sub("", statement.query, count=1)
+            if inner != statement.query:
+                _check_read_only(con, inner)
+                continue
+        if kind not in READ_STATEMENTS:
+            name = getattr(kind, "name", str(kind))
+            raise ReadOnlyQueryError(
+                f"{name} statements are not allowed: `majortom sql` only reads (SELECT, DESCRIBE, SHOW, "
+                f"SUMMARIZE, EXPLAIN); write results with a DuckDB client of your own"
+            )
+
+
+def read_only_query(con: duckdb.DuckDBPyConnection, query: str):
+    """Run a user's query if every statement in it only reads; returns a DataFrame.
+
+    Statement types are taken from DuckDB's own parser (``extract_statements``), so a COPY,
+    ATTACH, INSTALL, CREATE, DROP, SET or CALL hidden after a ``;`` is refused before anything runs.
+    """
+    _check_read_only(con, query)
+    try:
+        relation = con.sql(query)
+    except duckdb.Error as exc:
+        raise ValueError(f"query failed: {exc}") from None
+    if relation is None:  # pragma: no cover - every allowed statement returns rows
+        raise ReadOnlyQueryError("the statement returned no rows")
+    return relation.df()
