@@ -30,6 +30,13 @@ import rasterio
 from pydantic import BaseModel, ConfigDict, PositiveInt, field_validator, model_validator
 
 from majortom_assets import geotiff, grid
+from majortom_assets.remote import (
+    RemoteTimeoutError,
+    call_with_retries,
+    redact_text,
+    redact_url,
+    with_timeouts,
+)
 
 S2L2A_BANDS: tuple[str, ...] = (
     "B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12",
@@ -69,8 +76,9 @@ class SampleError(Exception):
 
     def __init__(self, reason: str, *, product_id: str | None = None, grid_cell: str | None = None,
                  band: str | None = None, file: str | None = None) -> None:
-        self.reason, self.product_id, self.grid_cell = reason, product_id, grid_cell
-        self.band, self.file = band, file
+        # reasons quote library errors and files may be remote URLs: neither may carry credentials
+        self.reason, self.product_id, self.grid_cell = redact_text(reason), product_id, grid_cell
+        self.band, self.file = band, (redact_url(file) if file is not None else None)
         super().__init__(str(self))
 
     def __str__(self) -> str:
@@ -307,12 +315,15 @@ class CoreCollection:
             root = url[len(HF_PREFIX):].strip("/")
             parts = root.split("/")
             if len(parts) < 3 or parts[0] != "datasets" or not all(parts[:3]):
-                raise ValueError(f"expected hf://datasets/<owner>/<name>, got {url!r}")
+                raise ValueError(f"expected hf://datasets/<owner>/<name>, got {redact_url(url)!r}")
             self.fs = _hf_filesystem(options)
         else:
-            self.fs, root = fsspec.core.url_to_fs(url, **options)
+            protocol = fsspec.core.split_protocol(url)[0] or "file"
+            self.fs, root = fsspec.core.url_to_fs(url, **with_timeouts(protocol, options))
             root = root.rstrip("/") or "/"
-        self.url, self.root = url, root
+        # `url` is what users see (files, messages, metadata): never with credentials. The real one
+        # went into `fs` above and is not kept.
+        self.url, self.root = redact_url(url), root
         self._footers: OrderedDict[str, pq.FileMetaData] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -340,10 +351,14 @@ class CoreCollection:
         return self._join("images", match.group(1))
 
     # -- metadata ------------------------------------------------------------------------------
-    def _arrow_filesystem(self):
+    @property
+    def _is_local(self) -> bool:
         from fsspec.implementations.local import LocalFileSystem
 
-        if isinstance(self.fs, LocalFileSystem):
+        return isinstance(self.fs, LocalFileSystem)
+
+    def _arrow_filesystem(self):
+        if self._is_local:
             import pyarrow.fs as pafs
 
             return pafs.LocalFileSystem()
@@ -357,10 +372,18 @@ class CoreCollection:
         """
         flt = flt or MetadataFilter()
         try:
-            dataset = pads.dataset(self.metadata_path, format="parquet",
-                                   filesystem=self._arrow_filesystem())
+            if not self._is_local:
+                # pyarrow drops the cause of a remote error (a stalled server reads as "not
+                # found"); ask fsspec first, whose errors keep it, so stalls are retried and named.
+                call_with_retries(lambda: self.fs.info(self.metadata_path), self.metadata_path,
+                                  what="opening metadata.parquet")
+            dataset = call_with_retries(
+                lambda: pads.dataset(self.metadata_path, format="parquet", filesystem=self._arrow_filesystem()),
+                self.metadata_path, what="opening metadata.parquet")
+        except RemoteTimeoutError:
+            raise
         except (FileNotFoundError, OSError) as exc:
-            raise FileNotFoundError(f"{self.url}: cannot open metadata.parquet ({exc})") from None
+            raise FileNotFoundError(f"{self.url}: cannot open metadata.parquet ({redact_text(exc)})") from None
         names = set(dataset.schema.names)
         missing = [c for c in REQUIRED_METADATA_COLUMNS if c not in names]
         if missing:
@@ -394,7 +417,8 @@ class CoreCollection:
         if flt.start is not None or flt.end is not None:
             need("timestamp", "start/end")
 
-        table = dataset.to_table(filter=expr)
+        table = call_with_retries(lambda: dataset.to_table(filter=expr), self.metadata_path,
+                                  what="reading metadata.parquet")
         frame = table.to_pandas()
         if "timestamp" in frame.columns:
             frame["timestamp"] = _to_utc_timestamps(frame["timestamp"])
@@ -438,7 +462,7 @@ class CoreCollection:
         path = self.shard_path(parquet_url)
         columns = list(dict.fromkeys(columns))
         where = {"product_id": product_id, "grid_cell": grid_cell, "file": path}
-        try:
+        def read() -> pa.Table:
             with self.fs.open(path, "rb") as handle:
                 meta = self._footer(path, handle)
                 parquet = pq.ParquetFile(handle, metadata=meta)
@@ -450,9 +474,14 @@ class CoreCollection:
                 for column in columns:
                     if column not in present:
                         raise SampleError("column missing from shard", band=column, **where)
-                table = parquet.read_row_group(row, columns=columns)
+                return parquet.read_row_group(row, columns=columns)
+
+        try:
+            table = call_with_retries(read, path, what="reading the shard")
         except SampleError:
             raise
+        except RemoteTimeoutError as exc:
+            raise SampleError(str(exc), **where) from None
         except (OSError, pa.ArrowException, ValueError) as exc:
             raise SampleError(f"cannot read shard: {type(exc).__name__}: {exc}", **where) from None
         if table.num_rows != 1:

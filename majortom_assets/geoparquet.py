@@ -34,6 +34,8 @@ import pyproj
 import shapely
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
+from majortom_assets.remote import redact_url
+
 STANDARD_VERSION = "majortom-embeddings/1.0"
 GEOPARQUET_VERSION = "1.1.0"
 RANDOM_WEIGHTS_WARNING = "EMBEDDINGS FROM RANDOMLY INITIALISED WEIGHTS - NOT FOR SCIENCE"
@@ -371,6 +373,12 @@ class EmbeddingFileInfo(BaseModel):
     created_with: str = Field(default_factory=lambda: f"majortom-assets {_package_version()}")
     standard: str = STANDARD_VERSION
     extra: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("source_collection")
+    @classmethod
+    def _no_credentials(cls, value: str) -> str:
+        """Files travel: a collection URL is stored without user info or secret query values."""
+        return redact_url(value)
 
     @field_validator("embedding_dtype")
     @classmethod

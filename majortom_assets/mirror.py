@@ -26,6 +26,7 @@ from majortom_assets.core import (
     failures_table,
 )
 from majortom_assets.geoparquet import atomic_output, fsync_path, read_table, temp_output
+from majortom_assets.remote import redact_text
 
 METADATA_FILE = "metadata.parquet"
 FAILURES_FILE = "failures.parquet"
@@ -68,7 +69,8 @@ def copy_samples(
                     digest.update(f"{row.product_id}/{row.grid_cell}/{row.parquet_url}/{row.parquet_row}".encode())
                     kept.append(i)
                 except (SampleError, OSError, ValueError) as exc:
-                    skipped.append({"product_id": row.product_id, "grid_cell": row.grid_cell, "reason": str(exc)})
+                    skipped.append({"product_id": row.product_id, "grid_cell": row.grid_cell,
+                                    "reason": redact_text(exc)})
         finally:
             if writer is not None:
                 writer.close()

@@ -18,6 +18,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from majortom_assets.cli.common import describe, fail, split_list
+from majortom_assets.remote import redact_text
 
 MAX_LISTED_FAILURES = 20
 
@@ -71,8 +72,8 @@ def run_embed(args: argparse.Namespace) -> int:
     try:
         collection = CoreCollection(str(args.collection))
         metadata = collection.metadata(flt)
-    except (FileNotFoundError, ValueError) as exc:
-        return fail(str(exc))
+    except (FileNotFoundError, ValueError, TimeoutError) as exc:
+        return fail(redact_text(exc))
     if metadata.empty:
         print("no samples match the selection; nothing to embed", file=sys.stderr)
         return 1

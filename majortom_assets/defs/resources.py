@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from majortom_assets.defs import keys
 from majortom_assets.layout import StorageLayout
 from majortom_assets.models.spec import MODEL_SPECS
+from majortom_assets.remote import redact_url
 
 Environment = Literal["local", "prod"]
 
@@ -41,6 +42,16 @@ _ENV = {
     "image_size": "MAJORTOM_IMAGE_SIZE",
 }
 _COLLECTION_ENV = "MAJORTOM_COLLECTION_{source}"  # e.g. MAJORTOM_COLLECTION_S2L1C=hf://datasets/...
+# Resource config is shown in the UI and stored with every run: a collection URL that carries
+# credentials is configured as "env:<VARIABLE>" and read from the environment only when opened.
+_FROM_ENV = "env:"
+
+
+def _configured_url(source: str, url: str) -> str:
+    var = _COLLECTION_ENV.format(source=source)
+    if redact_url(url) != url and os.environ.get(var, "").strip() == url:
+        return f"{_FROM_ENV}{var}"
+    return url
 
 _PRESETS: dict[str, dict[str, Any]] = {
     "local": {
@@ -159,20 +170,30 @@ class CollectionsResource(dg.ConfigurableResource):
         description="source (S2L1C, S2L2A, S1RTC) -> URL; relative paths resolve under the storage root."
     )
 
-    def url(self, source: str) -> str:
+    def _location(self, source: str) -> str:
+        """The configured location as given, credentials included: only for opening it."""
         if source not in self.urls:
             raise dg.Failure(
                 f"no collection configured for source {source!r}; configured: {sorted(self.urls)}"
             )
         url = self.urls[source]
+        if url.startswith(_FROM_ENV):   # a URL with credentials, kept out of the run config
+            var = url.removeprefix(_FROM_ENV)
+            url = os.environ.get(var, "").strip()
+            if not url:
+                raise dg.Failure(f"collection {source!r} is read from ${var}, which is not set in this process")
         if "://" in url or Path(url).is_absolute():
             return url
         return str(self.storage.layout.inside(url))
 
+    def url(self, source: str) -> str:
+        """The collection's location for files, metadata, logs and messages: credentials redacted."""
+        return redact_url(self._location(source))
+
     def open(self, source: str):
         from majortom_assets.core import CoreCollection
 
-        return CoreCollection(self.url(source))
+        return CoreCollection(self._location(source))
 
 
 class ComputeResource(dg.ConfigurableResource):
@@ -266,7 +287,9 @@ def build_resources(settings: MajorTomSettings | None = None) -> dict[str, Any]:
     )
     resources: dict[str, Any] = {
         "storage": storage,
-        "collections": CollectionsResource(storage=storage, urls=dict(settings.collections)),
+        "collections": CollectionsResource(
+            storage=storage, urls={s: _configured_url(s, u) for s, u in settings.collections.items()}
+        ),
         "compute": compute,
     }
     for model in settings.models:

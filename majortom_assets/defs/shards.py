@@ -19,6 +19,7 @@ from majortom_assets.defs.resources import CollectionsResource, StorageResource,
 from majortom_assets.deployment import io_step_tags
 from majortom_assets.geoparquet import atomic_output
 from majortom_assets.mirror import FAILURES_FILE, SHARD_COPY_STAGE, copy_samples, open_copy
+from majortom_assets.remote import redact_text
 
 #: Steps that read remote shards retry transient network failures with growing, jittered delays.
 NETWORK_RETRY = dg.RetryPolicy(
@@ -96,9 +97,10 @@ def build_core_metadata_asset(source: str) -> dg.AssetsDefinition:
         flt = config.to_filter()
         try:
             frame = collections.open(source).metadata(flt)
-        except (FileNotFoundError, ValueError) as exc:
+        except (FileNotFoundError, ValueError, TimeoutError) as exc:
             raise dg.Failure(
-                f"Core-{source} at {url}: {exc}", allow_retries=isinstance(exc, FileNotFoundError)
+                f"Core-{source} at {url}: {redact_text(exc)}",
+                allow_retries=isinstance(exc, FileNotFoundError | TimeoutError),
             ) from None
         path = storage.layout.selection_file(source)
         with atomic_output(path) as tmp:
