@@ -55,6 +55,11 @@ _TORCH_DTYPES = {np.dtype(np.uint16): torch.uint16, np.dtype(np.float32): torch.
 CORE_IMAGE_SIZE = 1068  # 10 m side of a Major TOM Core sample (STANDARD.md §1)
 
 
+# Above this a batch of 224 px 13-band fragments alone needs > 10 GB; OOM halving starts from
+# the configured size, so a larger value only wastes the first attempts (or the host's memory).
+MAX_BATCH_SIZE = 4096
+
+
 class EngineConfig(BaseModel):
     """How to run a model over samples; validated so a bad value fails before any work starts."""
 
@@ -62,7 +67,8 @@ class EngineConfig(BaseModel):
 
     device: str = "auto"
     precision: Precision = "auto"
-    batch_size: int = Field(64, ge=1, description="fragments per model call (cells are mixed freely)")
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH_SIZE,
+                            description="fragments per model call (cells are mixed freely)")
     decode_workers: int = Field(2, ge=1, description="threads reading and decoding samples")
     prefetch_samples: int = Field(4, ge=1, description="samples decoded ahead of the model")
     channels_last: bool = True

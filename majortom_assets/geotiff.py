@@ -323,6 +323,32 @@ def read_direct(data: Any, out: np.ndarray | None = None) -> tuple[np.ndarray, B
     return dst, tiff.info
 
 
+_TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")   # classic and BigTIFF, both byte orders
+_OTHER_FORMATS = ((b"\x89PNG", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+                  (b"GIF8", "GIF"), (b"RIFF", "WebP/RIFF"), (b"BM", "BMP"), (b"%PDF", "PDF"),
+                  (b"PK\x03\x04", "ZIP"), (b"\x1f\x8b", "gzip"))
+
+
+def check_container(buf: memoryview) -> None:
+    """``GeoTiffError`` saying what the bytes are when they cannot be a GeoTIFF at all.
+
+    Without it an empty band reached GDAL as "'driver' is required" and a PNG decoded without a
+    georeference surfaced much later as "band grid does not align".
+    """
+    if len(buf) == 0:
+        raise GeoTiffError("band is empty (0 bytes): the shard stores no image for it; "
+                           "re-create or re-download the shard")
+    head = bytes(buf[:12])
+    if head[:4] in _TIFF_MAGICS:
+        return
+    for magic, name in _OTHER_FORMATS:
+        if head.startswith(magic):
+            raise GeoTiffError(f"band is a {name} image, not a GeoTIFF: Core bands are single-band GeoTIFFs "
+                               f"with their UTM georeference; re-encode the band as GeoTIFF")
+    raise GeoTiffError(f"band is not a GeoTIFF (first bytes {head[:8]!r}, {len(buf)} bytes): Core bands are "
+                       f"single-band GeoTIFFs; the shard is damaged or holds another format")
+
+
 def _rasterio_info(ds) -> BandInfo:
     return BandInfo(ds.height, ds.width, ds.count, np.dtype(ds.dtypes[0]),
                     ds.crs.to_string() if ds.crs is not None else None, tuple(ds.transform)[:6])
@@ -349,6 +375,7 @@ class GeoTiffBand:
     def __init__(self, data: Any, direct: bool | None = None) -> None:
         self._data = data
         self._buf = _as_buffer(data)
+        check_container(self._buf)
         self._tiff: _TiffBand | None = None
         self._memfile = self._ds = self._ds_info = None
         if DIRECT_DECODE if direct is None else direct:

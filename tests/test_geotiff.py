@@ -262,11 +262,18 @@ def test_corrupt_band_raises_the_same_sample_error_as_rasterio(base, compress, m
     assert messages[0] == messages[1]
 
 
-@pytest.mark.parametrize("bad", [b"II*\x00 not a tiff at all", b"", b"MM\x00*" + bytes(40)])
-def test_garbage_bytes_raise_geotiff_error_and_sample_error(bad):
-    with pytest.raises(geotiff.GeoTiffError, match="undecodable GeoTIFF"):
+@pytest.mark.parametrize("bad, message", [
+    (b"II*\x00 not a tiff at all", "undecodable GeoTIFF"),
+    (b"", r"band is empty \(0 bytes\)"),
+    (b"MM\x00*" + bytes(40), "undecodable GeoTIFF"),
+    (b"\x89PNG\r\n\x1a\n" + bytes(40), "band is a PNG image, not a GeoTIFF"),
+    (b"\xff\xd8\xff\xe0" + bytes(40), "band is a JPEG image, not a GeoTIFF"),
+    (b"hello, world", "band is not a GeoTIFF"),
+])
+def test_garbage_bytes_raise_geotiff_error_and_sample_error(bad, message):
+    with pytest.raises(geotiff.GeoTiffError, match=message):
         geotiff.read_header(bad)
-    with pytest.raises(SampleError, match="undecodable GeoTIFF") as err:
+    with pytest.raises(SampleError, match=message) as err:
         decode_bands({"vv": bad}, ["vv"], SIZE, product_id="P", grid_cell="1U_1R", file="x.parquet")
     assert (err.value.product_id, err.value.grid_cell, err.value.band, err.value.file) == (
         "P", "1U_1R", "vv", "x.parquet")

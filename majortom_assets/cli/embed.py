@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -77,6 +78,9 @@ def run_embed(args: argparse.Namespace) -> int:
     if metadata.empty:
         print("no samples match the selection; nothing to embed", file=sys.stderr)
         return 1
+    problem = _unwritable(args.out, args.model)
+    if problem:
+        return fail(problem)
     try:
         embedder = load_embedder(args.model, args.weights, tiny=args.tiny, seed=args.seed,
                                  reference_compatible=args.reference_compatible)
@@ -97,8 +101,11 @@ def run_embed(args: argparse.Namespace) -> int:
             name = grid.row_name(int(row))
             out = args.out / args.model / f"row={name}" / "embeddings.parquet"
             bar.set_postfix_str(f"row {name}")
-            stats = embed_to_file(collection, metadata[metadata["grid_row_u"] == row], embedder, config, out,
-                                  collection.url, on_result=on_result)
+            try:
+                stats = embed_to_file(collection, metadata[metadata["grid_row_u"] == row], embedder, config, out,
+                                      collection.url, on_result=on_result)
+            except OSError as exc:   # disk full, folder removed or made read-only mid-run
+                return fail(f"cannot write {out}: {exc.strerror or exc}; rows written before it are complete")
             total.samples += stats.samples
             total.fragments += stats.fragments
             total.failures.extend(stats.failures)
@@ -106,6 +113,20 @@ def run_embed(args: argparse.Namespace) -> int:
     total.finish(started)
     _print_summary(total, len(rows), args.out / args.model)
     return 0 if total.samples or not total.failures else 1
+
+
+def _unwritable(out: Path, model: str) -> str | None:
+    """Why OUT/<model> cannot take row files, in one line; None when it can (checked before any work)."""
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is a file, not a folder; give a folder for the row files"
+    target = out / model
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        return f"--out {out} is not writable ({exc.strerror or exc}); choose a folder you can write to"
+    return None
 
 
 def _print_summary(stats, n_rows: int, out_dir: Path) -> None:

@@ -83,12 +83,15 @@ def load_state_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path), device="cpu")
-    else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # pickle errors have many types; the file is the problem either way
-            raise ValueError(f"weights file {path} is not a loadable torch state dict: {exc}") from exc
+            state = load_file(str(path), device="cpu")
+        except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, ValueError: the file is the problem
+            raise ValueError(
+                f"weights file {path} is not a valid .safetensors file ({_first_line(exc)}); re-download it "
+                "or save the state dict again with safetensors.torch.save_file"
+            ) from None
+    else:
+        state = _torch_load_tensors_only(path)
     if not isinstance(state, Mapping):
         raise TypeError(f"weights file {path} holds a {type(state).__name__}, expected a state dict")
     not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
@@ -98,6 +101,44 @@ def load_state_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             "(extract the model's state dict, e.g. checkpoint['state_dict'], and save that)"
         )
     return dict(state)
+
+
+_TORCH_MAGICS = (b"PK\x03\x04", b"\x80")   # zip container (torch >= 1.6) or a raw pickle stream
+
+
+def _first_line(exc: BaseException) -> str:
+    """The gist of a library error, without advice that does not apply here."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and "weights_only" not in ln]
+    first = lines[0] if lines else type(exc).__name__
+    return first.split(". ", 1)[0][:200]
+
+
+def _torch_load_tensors_only(path: Path) -> object:
+    """``torch.load(weights_only=True)`` with errors that say what is wrong with the file.
+
+    torch's own message for a pickle with Python objects recommends ``weights_only=False``,
+    which would run the file's code: that advice is never passed on.
+    """
+    with path.open("rb") as fh:
+        head = fh.read(8)
+    if not head.startswith(_TORCH_MAGICS):
+        raise ValueError(
+            f"weights file {path} is not a PyTorch checkpoint (it starts with {head!r}); give a .pt/.pth "
+            "state dict saved with torch.save(model.state_dict(), path) or a .safetensors file"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - pickle errors have many types; the file is the problem either way
+        if "weights only load failed" in str(exc).lower() or "unsupported global" in str(exc).lower():
+            raise ValueError(
+                f"weights file {path} holds pickled Python objects besides tensors; they are never "
+                "executed here (a pickle can run arbitrary code). Save a plain state dict "
+                "(torch.save(model.state_dict(), path)) or convert it to .safetensors"
+            ) from None
+        raise ValueError(
+            f"weights file {path} is not a loadable torch state dict ({_first_line(exc)}); re-download "
+            "or re-save it"
+        ) from None
 
 
 def load_strict(
