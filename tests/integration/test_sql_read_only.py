@@ -78,7 +78,7 @@ def test_reads_still_work_and_describe_explain_are_reads(data, capsys):
 
 def test_subprocess_copy_is_refused_without_traceback(data):
     before = _digest(data.paths)
-    proc = subprocess.run([sys.executable, "-m", "majortom_assets.cli", "sql", "--root", str(data.root),
+    proc = subprocess.run(check=False, args=[sys.executable, "-m", "majortom_assets.cli", "sql", "--root", str(data.root),
                            f"COPY m1 TO '{data.paths[0]}'"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "COPY statements are not allowed" in proc.stderr
     assert "Traceback" not in proc.stderr
