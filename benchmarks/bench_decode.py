@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 
 from majortom_assets import synthetic
-from majortom_assets.core import S2L1C_BANDS, CoreCollection, decode_bands
+from majortom_assets.core import CoreCollection, decode_bands
+from majortom_assets.standard import CORE_IMAGE_SIZE, RGB_BANDS, S2L1C_BANDS
 
-RGB = ("B04", "B03", "B02")
+RGB = RGB_BANDS
 
 
 def _time(fn, repeats: int) -> tuple[float, float]:
@@ -37,7 +38,7 @@ def _time(fn, repeats: int) -> tuple[float, float]:
 
 def bench(compress: str, cells: int, repeats: int, workdir: Path) -> list[tuple[str, float, float]]:
     cell_names = synthetic.cells_for_rows(["506U"], cells)
-    out = synthetic.generate_collection(workdir / compress, "S2L1C", cells=cell_names, size=1068,
+    out = synthetic.generate_collection(workdir / compress, "S2L1C", cells=cell_names, size=CORE_IMAGE_SIZE,
                                         compress=compress, samples_per_shard=cells)
     coll = CoreCollection(str(out))
     meta = coll.metadata()
@@ -56,10 +57,10 @@ def bench(compress: str, cells: int, repeats: int, workdir: Path) -> list[tuple[
     for workers in (1, 2):
         plural = "" if workers == 1 else "s"
         cases[f"decode 13 bands, {workers} thread{plural}"] = each(
-            lambda r, raw, w=workers: decode_bands(raw, S2L1C_BANDS, 1068, product_id=r["product_id"],
+            lambda r, raw, w=workers: decode_bands(raw, S2L1C_BANDS, CORE_IMAGE_SIZE, product_id=r["product_id"],
                                                    grid_cell=r["grid_cell"], max_workers=w))
         cases[f"decode RGB, {workers} thread{plural}"] = each(
-            lambda r, raw, w=workers: decode_bands(raw, RGB, 1068, product_id=r["product_id"],
+            lambda r, raw, w=workers: decode_bands(raw, RGB, CORE_IMAGE_SIZE, product_id=r["product_id"],
                                                    grid_cell=r["grid_cell"], max_workers=w))
         cases[f"read_sample 13 bands, {workers} thread{plural}"] = each(
             lambda r, raw, w=workers: coll.read_sample(r, S2L1C_BANDS, max_workers=w))

@@ -15,6 +15,7 @@ import numpy as np
 
 from majortom_assets.fragment import fragment_layout, fragment_views, gather_fragments
 from majortom_assets.grid import Grid, cell_name, parse_cell_names
+from majortom_assets.standard import CORE_IMAGE_SIZE
 
 
 def best_of(repeat: int, fn: Callable[[], object]) -> tuple[float, object]:
@@ -66,9 +67,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     t, _ = best_of(rep, lambda: grid.cell_polygon(r[:m], c[:m]))
     results.append(report(f"cell_polygon(): {m:,} boxes", t, m, "boxes"))
 
-    image = rng.integers(0, 10_000, size=(13, 1068, 1068), dtype=np.uint16)
+    image = rng.integers(0, 10_000, size=(13, CORE_IMAGE_SIZE, CORE_IMAGE_SIZE), dtype=np.uint16)
     for size in (224, 384):
-        layout = fragment_layout(1068, 1068, size)
+        layout = fragment_layout(CORE_IMAGE_SIZE, CORE_IMAGE_SIZE, size)
         out = np.empty((layout.count, 13, size, size), dtype=np.uint16)
         out32 = np.empty((layout.count, 13, size, size), dtype=np.float32)
         reps = max(rep, 10)

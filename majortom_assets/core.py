@@ -37,28 +37,8 @@ from majortom_assets.remote import (
     redact_url,
     with_timeouts,
 )
+from majortom_assets.standard import BAND_RESOLUTION_M, CORE_IMAGE_SIZE, NOMINAL_PIXEL_M, S1RTC_BANDS
 
-S2L2A_BANDS: tuple[str, ...] = (
-    "B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12",
-)
-S2L1C_BANDS: tuple[str, ...] = (
-    "B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12",
-)
-S1RTC_BANDS: tuple[str, ...] = ("vv", "vh")
-NOMINAL_PIXEL_M = 10   # the grid every sample is decoded to
-#: Nominal ground resolution (metres) of every Core band: the one source of upsampling factors.
-#: Taken from the sensor, not from each GeoTIFF's pixel size, because the file is what may be
-#: wrong: a 10 m band resampled to 96 px with a matching 40 m geotransform (or a truncated
-#: band with a consistent header) would otherwise be "upsampled" x4 into a plausible image.
-#: The table makes every band's expected size exact: ``size / (resolution / 10)``.
-BAND_RESOLUTION_M: dict[str, int] = {
-    **dict.fromkeys(("B02", "B03", "B04", "B08"), 10),
-    **dict.fromkeys(("B05", "B06", "B07", "B8A", "B11", "B12"), 20),
-    **dict.fromkeys(("B01", "B09", "B10"), 60),
-    "cloud_mask": 10,
-    "vv": 10, "vh": 10,
-}
-S2_MASK_COLUMNS: tuple[str, ...] = ("cloud_mask",)
 METADATA_COLUMNS: tuple[str, ...] = (
     "grid_cell", "grid_row_u", "grid_col_r", "product_id", "timestamp", "cloud_cover", "nodata",
     "centre_lat", "centre_lon", "crs", "parquet_url", "parquet_row",
@@ -137,12 +117,19 @@ def _rebuild_sample_error(reason, product_id, grid_cell, band, file, cls=SampleE
 
 @dataclass(frozen=True)
 class SampleFailure:
-    """A sample that was skipped, at which stage, and why (the reason names band/file when known)."""
+    """A sample that was skipped, at which stage, and why (the reason names band/file when known).
+
+    The one record of a skipped sample for every stage (shard copy, fragment grid, embedding);
+    `failures_table` stores it. ``source`` is set where one list mixes collections (the fragment
+    grid of a row covers every source); a failures file belongs to one source or model, so it is
+    not a column there.
+    """
 
     product_id: str
     grid_cell: str
     reason: str
-    stage: str = ""   # "shard copy", "decode", "invalid values", "fragment", "output rows"
+    stage: str = ""   # "shard copy", "fragment grid", "decode", "invalid values", "fragment", "output rows"
+    source: str = ""
 
 
 #: Columns of every failures table (the shard copy's and each model partition's).
@@ -489,7 +476,7 @@ class CoreCollection:
                               f"one sample per row group", **where)
         return table
 
-    def read_sample(self, row: Any, bands: Sequence[str], size: int = 1068, *,
+    def read_sample(self, row: Any, bands: Sequence[str], size: int = CORE_IMAGE_SIZE, *,
                     max_workers: int | None = None) -> CoreSample:
         """Read and decode one metadata row's sample; ids in the shard must match the metadata."""
         bands = tuple(bands)
@@ -640,7 +627,7 @@ def _decode_into(data: Any, band: str, out: np.ndarray, size: int) -> _Decoded:
     return _Decoded(band, factor, info.crs, info.transform)
 
 
-def decode_bands(raw: Mapping[str, Any], bands: Sequence[str], size: int = 1068, *, product_id: str,
+def decode_bands(raw: Mapping[str, Any], bands: Sequence[str], size: int = CORE_IMAGE_SIZE, *, product_id: str,
                  grid_cell: str, file: str | None = None, max_workers: int | None = None,
                  dtype: np.dtype | str | None = None) -> tuple[np.ndarray, str, tuple[float, ...]]:
     """Decode GeoTIFF band bytes into ``(len(bands), size, size)`` on the 10 m grid.

@@ -22,9 +22,10 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from majortom_assets.standard import CORE_IMAGE_SIZE, SOURCES
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DAGSTER_YAML = REPO_ROOT / "dagster.yaml"
-SOURCES = ("S2L1C", "S2L2A", "S1RTC")
 #: Rows the demo samples extra cells from (Africa/Indian Ocean, Europe, Scandinavia).
 DEMO_ROWS = ("12D", "136U", "400U")
 #: The evaluation's 5-fold grouped cross-validation needs 5 labelled cells of every class.
@@ -67,7 +68,7 @@ def demo_cells(per_class: int = CELLS_PER_CLASS, seed: int = 0) -> list[str]:
 def create_collections(
     home: Path,
     cells: Sequence[str] | None = None,
-    size: int = 1068,
+    size: int = CORE_IMAGE_SIZE,
     timestamps: int | Mapping[str, int] | None = None,
     seed: int = 0,
 ) -> dict[str, Path]:
@@ -190,7 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--dagster-home", type=Path, default=Path(os.environ.get("DAGSTER_HOME", ".dagster_home"))
     )
     parser.add_argument("--cells", nargs="+", help="grid cells (default: demo_cells())")
-    parser.add_argument("--size", type=int, default=1068, help="image side in 10 m pixels (Core: 1068)")
+    parser.add_argument("--size", type=int, default=CORE_IMAGE_SIZE,
+                        help=f"image side in 10 m pixels (Core: {CORE_IMAGE_SIZE})")
     args = parser.parse_args(argv)
 
     home, dagster_home = args.home.expanduser().resolve(), args.dagster_home.expanduser().resolve()
@@ -198,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ["MAJORTOM_HOME"] = str(home)
     os.environ["DAGSTER_HOME"] = str(prepare_dagster_home(dagster_home))
     os.environ.setdefault("MAJORTOM_ENV", "local")
-    if args.size != 1068:
+    if args.size != CORE_IMAGE_SIZE:
         os.environ["MAJORTOM_IMAGE_SIZE"] = str(args.size)
 
     import dagster as dg

@@ -46,13 +46,13 @@ from majortom_assets.core import (
 )
 from majortom_assets.fragment import FragmentLayout, fragment_layout, gather_fragments
 from majortom_assets.models import Embedder, find_invalid_values
+from majortom_assets.standard import CORE_IMAGE_SIZE
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _TORCH_DTYPES = {np.dtype(np.uint16): torch.uint16, np.dtype(np.float32): torch.float32,
                  np.dtype(np.uint8): torch.uint8, np.dtype(np.int16): torch.int16}
-CORE_IMAGE_SIZE = 1068  # 10 m side of a Major TOM Core sample (STANDARD.md §1)
 
 
 # Above this a batch of 224 px 13-band fragments alone needs > 10 GB; OOM halving starts from

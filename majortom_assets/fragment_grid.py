@@ -17,11 +17,11 @@ import pandas as pd
 import pyarrow as pa
 
 from majortom_assets import geoparquet, geotiff
-from majortom_assets.core import CoreCollection, SampleError
+from majortom_assets.core import CoreCollection, SampleError, SampleFailure
 from majortom_assets.fragment import fragment_layout
+from majortom_assets.standard import REFERENCE_BAND
 
-#: A 10 m band of each source: its GeoTIFF header gives the sample's pixel grid and CRS.
-REFERENCE_BAND = {"S2L1C": "B04", "S2L2A": "B04", "S1RTC": "vv"}
+FRAGMENT_GRID_STAGE = "fragment grid"
 
 FRAGMENT_SCHEMA = pa.schema(
     [
@@ -69,15 +69,15 @@ def fragment_rows(source: str, sample: Any, size: int, overlap: float, height: i
 
 
 def samples_fragment_rows(collection: CoreCollection, samples: pd.DataFrame, source: str, size: int,
-                          overlap: float) -> tuple[list[pa.Table], list[dict]]:
+                          overlap: float) -> tuple[list[pa.Table], list[SampleFailure]]:
     """Fragment tables of each sample, reading only its reference band's header.
 
-    A sample whose band cannot be read is skipped and reported as ``{source, product_id,
-    grid_cell, stage, reason}``, never fatal to the others.
+    A sample whose band cannot be read is skipped and reported as a `SampleFailure` (stage
+    "fragment grid", with its source), never fatal to the others.
     """
     band = REFERENCE_BAND[source]
     tables: list[pa.Table] = []
-    skipped: list[dict] = []
+    skipped: list[SampleFailure] = []
     for sample in samples.itertuples(index=False):
         try:
             raw = collection.read_raw(sample.parquet_url, sample.parquet_row, [band],
@@ -86,8 +86,8 @@ def samples_fragment_rows(collection: CoreCollection, samples: pd.DataFrame, sou
             tables.append(fragment_rows(source, sample, size, overlap, height, width, transform, crs))
         except (SampleError, ValueError, OSError) as exc:
             error = _located(exc, collection, sample, band)
-            skipped.append({"source": source, "product_id": sample.product_id, "grid_cell": sample.grid_cell,
-                            "stage": "fragment grid", "reason": str(error)})
+            skipped.append(SampleFailure(str(sample.product_id), str(sample.grid_cell), str(error),
+                                         FRAGMENT_GRID_STAGE, source))
     return tables, skipped
 
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from majortom_assets import grid
+from majortom_assets.standard import EXPORT_PRECISIONS
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-PRECISIONS = ("float16", "int8")
 
 
 class StoragePathError(ValueError):
@@ -95,8 +95,8 @@ class StorageLayout:
         return self.inside("indexes", _segment(model, "model"))
 
     def export_dir(self, model: str, precision: str) -> Path:
-        if precision not in PRECISIONS:
-            raise StoragePathError(f"export precision {precision!r} is not one of {PRECISIONS}")
+        if precision not in EXPORT_PRECISIONS:
+            raise StoragePathError(f"export precision {precision!r} is not one of {EXPORT_PRECISIONS}")
         return self.inside("exports", _segment(model, "model"), precision)
 
     def report_dir(self, model: str) -> Path:

@@ -35,18 +35,18 @@ SHARD_COPY_STAGE = "shard copy"
 
 def copy_samples(
     collection: CoreCollection, metadata: pd.DataFrame, out_dir: str | os.PathLike
-) -> tuple[pd.DataFrame, list[dict]]:
+) -> tuple[pd.DataFrame, list[SampleFailure]]:
     """Copy each metadata row's row group (all shard columns) into ``out_dir``.
 
     Returns the copy's metadata (``parquet_url`` / ``parquet_row`` pointing into the copy) and
-    one ``{product_id, grid_cell, reason}`` per sample that could not be read: such a sample is
+    one `SampleFailure` (stage "shard copy") per sample that could not be read: such a sample is
     skipped, never fatal to the others, and also recorded in ``failures.parquet`` (see
     `copy_failures`). The metadata file is the commit point: the samples file is named by its
     content and the failures file is written first, and only then is the metadata replaced;
     stale sample files are removed afterwards.
     """
     out_dir = Path(out_dir)
-    skipped: list[dict] = []
+    skipped: list[SampleFailure] = []
     kept: list[int] = []
     schema: pa.Schema | None = None
     images = out_dir / "images"
@@ -69,8 +69,8 @@ def copy_samples(
                     digest.update(f"{row.product_id}/{row.grid_cell}/{row.parquet_url}/{row.parquet_row}".encode())
                     kept.append(i)
                 except (SampleError, OSError, ValueError) as exc:
-                    skipped.append({"product_id": row.product_id, "grid_cell": row.grid_cell,
-                                    "reason": redact_text(exc)})
+                    skipped.append(SampleFailure(str(row.product_id), str(row.grid_cell), redact_text(exc),
+                                                 SHARD_COPY_STAGE))
         finally:
             if writer is not None:
                 writer.close()
@@ -80,8 +80,7 @@ def copy_samples(
             tmp_images.replace(out_dir / name)
             fsync_path(images, directory=True)
     with atomic_output(out_dir / FAILURES_FILE) as tmp:
-        pq.write_table(failures_table([SampleFailure(str(s["product_id"]), str(s["grid_cell"]), s["reason"],
-                                                     SHARD_COPY_STAGE) for s in skipped]), tmp)
+        pq.write_table(failures_table(skipped), tmp)
     local = metadata.iloc[kept].reset_index(drop=True).copy()
     local["parquet_url"] = name
     local["parquet_row"] = range(len(local))

@@ -34,12 +34,20 @@ from pyproj import Transformer
 from rasterio.io import MemoryFile
 
 from majortom_assets import grid
-from majortom_assets.core import NOMINAL_PIXEL_M, S1RTC_BANDS, S2L1C_BANDS, S2L2A_BANDS, band_factor
+from majortom_assets.core import band_factor
 from majortom_assets.geoparquet import atomic_output
+from majortom_assets.standard import (
+    BANDS,
+    CORE_IMAGE_SIZE,
+    NOMINAL_PIXEL_M,
+    S1RTC_BANDS,
+    S2_MASK_COLUMNS,
+    S2L1C_BANDS,
+    SOURCES,
+    Source,
+)
 
-Source = Literal["S2L1C", "S2L2A", "S1RTC"]
 LAND_COVER_CLASSES: tuple[str, ...] = ("water", "forest", "cropland", "urban", "bare", "snow")
-PIXEL_METRES = float(NOMINAL_PIXEL_M)   # band pixel sizes relative to it: core.band_factor
 
 # Surface reflectance x1e4 per class, in S2L1C_BANDS order (B01..B08, B8A, B09, B10, B11, B12):
 # textbook shapes (water dark and falling, vegetation red edge + NIR plateau, soil rising to SWIR,
@@ -114,7 +122,7 @@ class SyntheticConfig(BaseModel):
     rows: list[str] | None = None
     cells_per_row: int = Field(4, ge=1)
     timestamps: int = Field(1, ge=1)
-    size: int = Field(1068, ge=6)
+    size: int = Field(CORE_IMAGE_SIZE, ge=6)
     seed: int = Field(0, ge=0)
     samples_per_shard: int = Field(16, ge=1)
     compress: Literal["deflate", "zstd", "lzw", "none"] = "deflate"
@@ -153,7 +161,7 @@ class SyntheticConfig(BaseModel):
     def band_columns(self) -> tuple[str, ...]:
         if self.source == "S1RTC":
             return S1RTC_BANDS
-        return (S2L1C_BANDS if self.source == "S2L1C" else S2L2A_BANDS) + ("cloud_mask",)
+        return BANDS[self.source] + S2_MASK_COLUMNS
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,12 +196,13 @@ def place_cell(grid_cell: str, size: int) -> CellPlacement:
     lat, lon = (float(v) for v in g.cell_corner(row, col))
     epsg = int(g.utm_epsg(row, col))
     east, north = _to_utm(epsg).transform(lon, lat)
-    east0 = np.floor(east / PIXEL_METRES) * PIXEL_METRES
-    north0 = np.floor(north / PIXEL_METRES) * PIXEL_METRES
-    extent = size * PIXEL_METRES
+    east0 = np.floor(east / NOMINAL_PIXEL_M) * NOMINAL_PIXEL_M
+    north0 = np.floor(north / NOMINAL_PIXEL_M) * NOMINAL_PIXEL_M
+    extent = size * NOMINAL_PIXEL_M
     clon, clat = _from_utm(epsg).transform(east0 + extent / 2, north0 + extent / 2)
     clon = (clon + 180.0) % 360.0 - 180.0
-    transform = (PIXEL_METRES, 0.0, float(east0), 0.0, -PIXEL_METRES, float(north0 + extent))
+    pixel = float(NOMINAL_PIXEL_M)
+    transform = (pixel, 0.0, float(east0), 0.0, -pixel, float(north0 + extent))
     return CellPlacement(grid_cell, row, col, epsg, transform, float(clat), float(clon))
 
 
@@ -464,7 +473,7 @@ def _make_sample(cfg: SyntheticConfig, layout: _Layout, place: CellPlacement, ac
 
 def generate_collection(out_dir: str | os.PathLike, source: Source, cells: Sequence[str] | None = None,
                         rows: Sequence[str] | None = None, cells_per_row: int = 4, timestamps: int = 1,
-                        size: int = 1068, seed: int = 0, samples_per_shard: int = 16,
+                        size: int = CORE_IMAGE_SIZE, seed: int = 0, samples_per_shard: int = 16,
                         compress: str = "deflate") -> Path:
     """Write a Core collection: images/part_XXXXX.parquet, metadata.parquet, labels.parquet.
 
@@ -531,12 +540,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m majortom_assets.synthetic",
                                      description="Write a synthetic Major TOM Core collection.")
     parser.add_argument("out", type=Path, help="output folder")
-    parser.add_argument("--source", required=True, choices=["S2L1C", "S2L2A", "S1RTC"])
+    parser.add_argument("--source", required=True, choices=SOURCES)
     parser.add_argument("--rows", nargs="+", help="grid rows such as 12D 136U")
     parser.add_argument("--cells", nargs="+", help="grid cells such as 136U_496R")
     parser.add_argument("--cells-per-row", type=int, default=4)
     parser.add_argument("--timestamps", type=int, default=1)
-    parser.add_argument("--size", type=int, default=1068)
+    parser.add_argument("--size", type=int, default=CORE_IMAGE_SIZE)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples-per-shard", type=int, default=16)
     parser.add_argument("--compress", choices=GEOTIFF_COMPRESSION, default="deflate")

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from majortom_assets import synthetic
+from majortom_assets.standard import CORE_IMAGE_SIZE
 
 SYNTHETIC_SEED = 7
-SYNTHETIC_SIZE = 1068
+SYNTHETIC_SIZE = CORE_IMAGE_SIZE
 SAMPLES_PER_SHARD = 4
 COLLECTION_TIMESTAMPS = {"S2L1C": 1, "S2L2A": 2, "S1RTC": 1}
 

@@ -19,16 +19,14 @@ from rasterio.io import MemoryFile
 
 from majortom_assets import core, grid
 from majortom_assets.core import (
-    S1RTC_BANDS,
-    S2L1C_BANDS,
-    S2L2A_BANDS,
     CoreCollection,
     MetadataFilter,
     SampleError,
     decode_bands,
 )
+from majortom_assets.standard import CORE_IMAGE_SIZE, S1RTC_BANDS, S2L1C_BANDS, S2L2A_BANDS
 
-SIZE = 1068
+SIZE = CORE_IMAGE_SIZE
 
 
 @pytest.fixture(scope="module")

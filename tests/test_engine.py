@@ -18,6 +18,7 @@ from majortom_assets.core import CoreCollection
 from majortom_assets.engine import EngineConfig, SampleFailure, embed_samples, embed_to_file
 from majortom_assets.fragment import fragment_layout, gather_fragments
 from majortom_assets.models import load_embedder
+from majortom_assets.standard import CORE_IMAGE_SIZE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,7 +84,7 @@ class _FaultyCollection(CoreCollection):
             raw["vh"] = b"not a GeoTIFF"
         return raw
 
-    def read_sample(self, row, bands, size=1068, **kwargs):
+    def read_sample(self, row, bands, size=CORE_IMAGE_SIZE, **kwargs):
         sample = super().read_sample(row, bands, size, **kwargs)
         if sample.product_id == self.nan_for:
             sample.pixels[1, 10:20, 10:20] = np.nan
@@ -142,7 +143,7 @@ def test_config_validation_names_the_problem():
 
 
 class _CroppedCollection(CoreCollection):
-    def read_sample(self, row, bands, size=1068, **kwargs):
+    def read_sample(self, row, bands, size=CORE_IMAGE_SIZE, **kwargs):
         sample = super().read_sample(row, bands, size, **kwargs)
         sample.pixels = sample.pixels[:, :200, :200]
         return sample

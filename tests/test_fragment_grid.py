@@ -15,7 +15,7 @@ from affine import Affine
 from rasterio.io import MemoryFile
 
 from majortom_assets import fragment_grid, synthetic
-from majortom_assets.core import CoreCollection
+from majortom_assets.core import CoreCollection, SampleFailure
 from majortom_assets.fragment import fragment_layout
 
 SIZE = 120
@@ -173,10 +173,11 @@ def test_unreadable_samples_are_skipped_and_the_rest_kept(collections):
     assert [t.column("product_id")[0].as_py() for t in tables] == list(meta.product_id.drop(1))
     assert len(skipped) == 1
     entry = skipped[0]
-    assert (entry["source"], entry["product_id"], entry["grid_cell"]) == ("S1RTC", meta.product_id[1], meta.grid_cell[1])
-    assert "undecodable GeoTIFF" in entry["reason"]
-    assert "band=vv" in entry["reason"] and f"file={good.shard_path(meta.parquet_url[1])}" in entry["reason"]
+    assert isinstance(entry, SampleFailure) and entry.stage == "fragment grid"
+    assert (entry.source, entry.product_id, entry.grid_cell) == ("S1RTC", meta.product_id[1], meta.grid_cell[1])
+    assert "undecodable GeoTIFF" in entry.reason
+    assert "band=vv" in entry.reason and f"file={good.shard_path(meta.parquet_url[1])}" in entry.reason
     missing = meta.copy()
     missing.loc[0, "parquet_row"] = 999
     _, skipped = fragment_grid.samples_fragment_rows(good, missing, "S1RTC", FRAGMENT, OVERLAP)
-    assert len(skipped) == 1 and "parquet_row 999" in skipped[0]["reason"]
+    assert len(skipped) == 1 and "parquet_row 999" in skipped[0].reason

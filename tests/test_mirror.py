@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from majortom_assets import mirror, synthetic
-from majortom_assets.core import S2L2A_BANDS, CoreCollection, SampleError, SampleFailure
+from majortom_assets.core import CoreCollection, SampleError, SampleFailure
+from majortom_assets.standard import S2L2A_BANDS
 
 SIZE = 60
 
@@ -85,12 +86,13 @@ def test_unreadable_samples_are_skipped_and_named(source, selection, tmp_path):
     bad.loc[2, "parquet_row"] = (bad.loc[2, "parquet_row"] + 1) % 3   # another sample's row group
     local, skipped = mirror.copy_samples(source, bad, tmp_path / "copy")
     assert list(local["product_id"]) == list(bad.product_id[[0, 3]])
-    assert [s["product_id"] for s in skipped] == list(bad.product_id[[1, 2]])
-    assert [s["grid_cell"] for s in skipped] == list(bad.grid_cell[[1, 2]])
-    assert "parquet_row 99" in skipped[0]["reason"] and bad.product_id[1] in skipped[0]["reason"]
-    assert "not the metadata's sample" in skipped[1]["reason"]
-    assert f"row group {bad.parquet_row[2]} holds" in skipped[1]["reason"]       # the row group and
-    assert f"file={source.shard_path(bad.parquet_url[2])}" in skipped[1]["reason"]   # the shard named
+    assert all(isinstance(s, SampleFailure) and s.stage == "shard copy" for s in skipped)
+    assert [s.product_id for s in skipped] == list(bad.product_id[[1, 2]])
+    assert [s.grid_cell for s in skipped] == list(bad.grid_cell[[1, 2]])
+    assert "parquet_row 99" in skipped[0].reason and bad.product_id[1] in skipped[0].reason
+    assert "not the metadata's sample" in skipped[1].reason
+    assert f"row group {bad.parquet_row[2]} holds" in skipped[1].reason       # the row group and
+    assert f"file={source.shard_path(bad.parquet_url[2])}" in skipped[1].reason   # the shard named
     copy, meta = mirror.open_copy(tmp_path / "copy")
     assert pq.ParquetFile(copy.shard_path(meta.parquet_url[0])).num_row_groups == 2
 
@@ -138,7 +140,7 @@ def test_skipped_samples_are_recorded_in_the_copy_with_stage_and_full_reason(sou
     assert bad_id not in set(local["product_id"]) and len(local) == len(selection) - 1
     (failure,) = mirror.copy_failures(tmp_path / "copy")
     assert (failure.product_id, failure.grid_cell, failure.stage) == (bad_id, bad_cell, "shard copy")
-    assert failure.reason == skipped[0]["reason"]
+    assert failure == skipped[0]   # the file holds the very record copy_samples returned
     for part in ("column missing from shard", bad_id, bad_cell, "band=B03", "images/part_"):
         assert part in failure.reason, part
     # the UI table shows the whole location even when the message itself is long

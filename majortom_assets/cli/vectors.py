@@ -25,6 +25,7 @@ from majortom_assets.cli.common import (
     rows_list,
     selected_paths,
 )
+from majortom_assets.standard import EXPORT_PRECISIONS
 from majortom_assets.vectors import files
 
 
@@ -214,7 +215,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("export", help="write a flat, memory-mappable (optionally quantised) copy")
     add_root_model(p)
-    p.add_argument("--precision", default="float16", choices=["float32", "float16", "int8"])
+    p.add_argument("--precision", default="float16", choices=EXPORT_PRECISIONS)
     p.add_argument("--out", type=Path, help="export directory (default: ROOT/exports/MODEL/PRECISION)")
     p.add_argument("--verify", action="store_true", help="re-read the GeoParquet and check the round trip")
     p.set_defaults(func=run_export)

@@ -8,6 +8,7 @@ import dagster as dg
 import pandas as pd
 import pyarrow as pa
 
+from majortom_assets.core import SampleFailure
 from majortom_assets.defs import keys, presentation
 from majortom_assets.defs.partitions import GRID_ROWS, ROW_BACKFILL
 from majortom_assets.defs.resources import StorageResource, load_settings
@@ -16,6 +17,7 @@ from majortom_assets.deployment import io_step_tags
 from majortom_assets.fragment import fragment_layout
 from majortom_assets.fragment_grid import samples_fragment_rows, write_fragment_file
 from majortom_assets.models.spec import MODEL_SPECS
+from majortom_assets.standard import CORE_IMAGE_SIZE
 
 TARGET_OVERLAP = 0.1
 
@@ -46,7 +48,7 @@ def build_fragments_asset(size: int, sources: tuple[str, ...]) -> dg.AssetsDefin
         for row_key in context.partition_keys:
             started = time.perf_counter()
             tables: list[pa.Table] = []
-            skipped: list[dict] = []
+            skipped: list[SampleFailure] = []
             per_source: dict[str, int] = {}
             for source in sources:
                 collection, samples = local_shard(storage, source, row_key)
@@ -62,7 +64,7 @@ def build_fragments_asset(size: int, sources: tuple[str, ...]) -> dg.AssetsDefin
                     "samples": sum(per_source.values()),
                     "samples per source": dg.MetadataValue.json(per_source),
                     "fragments": n,
-                    "fragments per sample": fragment_layout(1068, 1068, size, overlap).count,
+                    "fragments per sample": fragment_layout(CORE_IMAGE_SIZE, CORE_IMAGE_SIZE, size, overlap).count,
                     "samples skipped": len(skipped),
                     "skipped samples": dg.MetadataValue.md(presentation.failures_markdown(skipped)),
                     "seconds": round(time.perf_counter() - started, 3),

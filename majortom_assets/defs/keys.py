@@ -9,10 +9,10 @@ from __future__ import annotations
 import dagster as dg
 
 from majortom_assets.models.spec import MODEL_SPECS, ModelSpec
+from majortom_assets.standard import ASSET_EXPORT_PRECISIONS, SOURCES
 
-SOURCES: tuple[str, ...] = ("S2L1C", "S2L2A", "S1RTC")
 FRAGMENT_SIZES: tuple[int, ...] = tuple(sorted({spec.fragment_size for spec in MODEL_SPECS.values()}))
-EXPORT_PRECISIONS: tuple[str, ...] = ("float16", "int8")
+EXPORT_PRECISIONS = ASSET_EXPORT_PRECISIONS   # the exports materialised per model
 
 
 def model_slug(model: str) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
-from majortom_assets.core import shorten_reason
+from majortom_assets.core import SampleFailure, shorten_reason
 
 _MAX_CELL_CHARS = 60
 
@@ -41,8 +41,8 @@ def markdown_table(frame: pd.DataFrame | Sequence[Mapping[str, Any]], limit: int
     return "\n".join(lines)
 
 
-def failures_markdown(failures: Sequence[Any], limit: int = 50) -> str:
-    """Skipped samples (SampleFailure objects or mappings) with their stage and reason.
+def failures_markdown(failures: Sequence[SampleFailure], limit: int = 50) -> str:
+    """Skipped samples (`core.SampleFailure`) with their stage and reason.
 
     Reasons are shortened only in the middle (`core.shorten_reason`), so the band, file and
     sample named by a SampleError always show; an explicit 'none' keeps an empty table clear.
@@ -50,9 +50,8 @@ def failures_markdown(failures: Sequence[Any], limit: int = 50) -> str:
     if not failures:
         return "_none: every sample was processed_"
 
-    def field(failure: Any, name: str) -> str:
-        value = failure.get(name, "") if isinstance(failure, Mapping) else getattr(failure, name, "")
-        return str(value).replace("|", "\\|").replace("\n", " ")
+    def field(failure: SampleFailure, name: str) -> str:
+        return str(getattr(failure, name)).replace("|", "\\|").replace("\n", " ")
 
     lines = ["| product_id | grid_cell | stage | reason |", "|---|---|---|---|"]
     lines += [f"| {field(f, 'product_id')} | {field(f, 'grid_cell')} | {field(f, 'stage')} | "

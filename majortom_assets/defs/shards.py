@@ -12,13 +12,13 @@ import pandas as pd
 from pydantic import ValidationError
 
 from majortom_assets import grid
-from majortom_assets.core import CoreCollection, MetadataFilter, SampleFailure
+from majortom_assets.core import CoreCollection, MetadataFilter
 from majortom_assets.defs import keys, presentation
 from majortom_assets.defs.partitions import GRID_ROWS, ROW_BACKFILL
 from majortom_assets.defs.resources import CollectionsResource, StorageResource, load_settings
 from majortom_assets.deployment import io_step_tags
 from majortom_assets.geoparquet import atomic_output
-from majortom_assets.mirror import FAILURES_FILE, SHARD_COPY_STAGE, copy_samples, open_copy
+from majortom_assets.mirror import FAILURES_FILE, copy_samples, open_copy
 from majortom_assets.remote import redact_text
 
 #: Steps that read remote shards retry transient network failures with growing, jittered delays.
@@ -151,7 +151,7 @@ def build_core_shards_asset(source: str) -> dg.AssetsDefinition:
             if len(rows) and not len(local):
                 raise dg.Failure(
                     f"row {row_key}: none of the {len(rows)} Core-{source} samples could be read; "
-                    f"first error: {skipped[0]['reason']}",
+                    f"first error: {skipped[0].reason}",
                 )
             totals["samples"] += len(local)
             totals["skipped"] += len(skipped)
@@ -162,9 +162,7 @@ def build_core_shards_asset(source: str) -> dg.AssetsDefinition:
                     "cells": int(local["grid_cell"].nunique()) if len(local) else 0,
                     "samples skipped": len(skipped),
                     "skipped samples": dg.MetadataValue.md(
-                        presentation.failures_markdown(
-                            [SampleFailure(f["product_id"], f["grid_cell"], f["reason"], SHARD_COPY_STAGE) for f in skipped]
-                        )
+                        presentation.failures_markdown(skipped)
                     ),
                     "failures table": dg.MetadataValue.path(str(out_dir / FAILURES_FILE)),
                     "seconds": round(time.perf_counter() - started, 3),

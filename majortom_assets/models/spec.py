@@ -10,20 +10,10 @@ else changes. Builders have the signature::
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from majortom_assets.models.normalise import NORMALISERS
-
-Source = Literal["S2L1C", "S2L2A", "S1RTC"]
-
-# Band names exactly as the Core collections spell their columns (STANDARD.md §1).
-S2L1C_MODEL_BANDS: tuple[str, ...] = (
-    "B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12",
-)
-S1RTC_MODEL_BANDS: tuple[str, ...] = ("vv", "vh")
-RGB_MODEL_BANDS: tuple[str, ...] = ("B04", "B03", "B02")
+from majortom_assets.standard import RGB_BANDS, S1RTC_BANDS, S2L1C_BANDS, Source
 
 
 class ModelSpec(BaseModel):
@@ -66,7 +56,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         ModelSpec(
             name="ssl4eo-s2",
             source="S2L1C",
-            bands=S2L1C_MODEL_BANDS,
+            bands=S2L1C_BANDS,
             fragment_size=224,
             embedding_dim=2048,
             normalisation="s2-reflectance",
@@ -77,7 +67,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         ModelSpec(
             name="ssl4eo-s1",
             source="S1RTC",
-            bands=S1RTC_MODEL_BANDS,
+            bands=S1RTC_BANDS,
             fragment_size=224,
             embedding_dim=2048,
             normalisation="s1-db-minmax",
@@ -88,7 +78,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         ModelSpec(
             name="siglip-rgb",
             source="S2L2A",
-            bands=RGB_MODEL_BANDS,
+            bands=RGB_BANDS,
             fragment_size=384,
             embedding_dim=1152,
             normalisation="rgb-siglip",
@@ -99,7 +89,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         ModelSpec(
             name="dinov2-rgb",
             source="S2L2A",
-            bands=RGB_MODEL_BANDS,
+            bands=RGB_BANDS,
             fragment_size=224,
             embedding_dim=768,
             normalisation="rgb-imagenet",

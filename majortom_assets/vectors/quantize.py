@@ -21,17 +21,16 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from majortom_assets.standard import EXPORT_PRECISIONS as PRECISIONS
+from majortom_assets.standard import ExportPrecision as Precision
 from majortom_assets.vectors import files
 
-Precision = Literal["float32", "float16", "int8"]
-PRECISIONS = ("float32", "float16", "int8")
 FORMAT = "majortom-flat-embeddings/1"
 MANIFEST_FILE = "manifest.json"
 METADATA_FILE = "metadata.parquet"

@@ -20,6 +20,7 @@ import pyproj
 from majortom_assets import geoparquet
 from majortom_assets.fragment import fragment_layout
 from majortom_assets.grid import cell_name, get_grid, parse_cell_name, row_name
+from majortom_assets.standard import CORE_IMAGE_SIZE, NOMINAL_PIXEL_M
 
 
 @dataclass
@@ -77,12 +78,13 @@ def _transform_for(grid_cell: str, size: int) -> tuple[str, tuple[float, ...]]:
     epsg = int(grid.utm_epsg(row, col))
     to_utm = pyproj.Transformer.from_crs("EPSG:4326", f"EPSG:{epsg}", always_xy=True)
     x, y = to_utm.transform(float(lon), float(lat))
-    return f"EPSG:{epsg}", (10.0, 0.0, x, 0.0, -10.0, y + 10.0 * size)
+    pixel = float(NOMINAL_PIXEL_M)
+    return f"EPSG:{epsg}", (pixel, 0.0, x, 0.0, -pixel, y + pixel * size)
 
 
 def write_synthetic(
     root: str | Path, model: str = "test-model", cells: Sequence[str] | None = None, dim: int = 16,
-    n_classes: int = 4, timestamps: int = 1, fragment_size: int = 224, image_size: int = 1068,
+    n_classes: int = 4, timestamps: int = 1, fragment_size: int = 224, image_size: int = CORE_IMAGE_SIZE,
     seed: int = 0, class_scale: float = 1.0, cell_scale: float = 0.3, fragment_scale: float = 0.1,
     date_scale: float = 0.02, changed_fraction: float = 0.0, change_scale: float = 1.0,
 ) -> SyntheticEmbeddings:

@@ -24,8 +24,8 @@ from deploy_support import (
 from rasterio.io import MemoryFile
 
 from majortom_assets import geoparquet, synthetic
-from majortom_assets.core import S2L2A_BANDS
 from majortom_assets.fragment import fragment_layout
+from majortom_assets.standard import S2L2A_BANDS
 
 pytestmark = pytest.mark.slow
 

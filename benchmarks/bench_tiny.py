@@ -1,0 +1,118 @@
+"""CPU cost per cell of the `--tiny` model configurations (demo, tests, CLI examples).
+
+Run: .venv/bin/python -m benchmarks.bench_tiny [--cells 4] [--repeats 3] [--models ssl4eo-s2 ...]
+
+For each model: a synthetic Core collection of its source (real size 1068 px, one timestamp per
+cell) is written to a temporary folder, the tiny random-weights model is loaded with the real
+loading code (`models.load_embedder(..., tiny=True)`), and two costs are timed per cell:
+
+- **model**: preprocess + forward of one cell's fragments (25 at 224 px, 9 at 384 px) on random
+  raw values, torch limited to one thread, CPU time of this thread (`time.thread_time`);
+- **engine**: `engine.embed_samples` over the whole collection (read, decode, fragment, normalise,
+  model, footprints) with CPU time of the whole process (`time.process_time`, every thread).
+
+CPU time, not wall time, is reported first because the benchmark machine is shared; the median
+of `--repeats` passes is kept. Disk: about 30 MB per model (13 bands of 4 cells), removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from majortom_assets import synthetic
+from majortom_assets.core import CoreCollection
+from majortom_assets.engine import EngineConfig, embed_samples
+from majortom_assets.fragment import fragment_layout
+from majortom_assets.models import get_spec, load_embedder
+from majortom_assets.standard import CORE_IMAGE_SIZE
+
+MODELS = ("ssl4eo-s2", "ssl4eo-s1", "dinov2-rgb", "siglip-rgb")
+
+
+def model_cost(embedder, repeats: int) -> float:
+    """CPU seconds of preprocess + forward for one cell's fragments, one torch thread."""
+    spec = embedder.spec
+    per_cell = fragment_layout(CORE_IMAGE_SIZE, CORE_IMAGE_SIZE, spec.fragment_size, spec.target_overlap).count
+    dtype = torch.float32 if spec.source == "S1RTC" else torch.uint16
+    raw = (torch.rand(per_cell, spec.in_channels, spec.fragment_size, spec.fragment_size) * 3000).to(dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            embedder(embedder.preprocess(raw[:2]))   # warm-up
+            times = []
+            for _ in range(repeats):
+                t = time.thread_time()
+                out = embedder(embedder.preprocess(raw))
+                times.append(time.thread_time() - t)
+    finally:
+        torch.set_num_threads(threads)
+    assert out.shape == (per_cell, embedder.embedding_dim)
+    return statistics.median(times)
+
+
+def engine_cost(collection: CoreCollection, metadata, embedder, repeats: int) -> tuple[float, float]:
+    """(process CPU s, wall s) per cell of a full `embed_samples` pass, median of `repeats`."""
+    config = EngineConfig(device="cpu", precision="fp32", batch_size=64)
+    list(embed_samples(collection, metadata.iloc[:1], embedder, config))   # warm-up
+    cpu, wall = [], []
+    for _ in range(repeats):
+        c, w = time.process_time(), time.perf_counter()
+        results = list(embed_samples(collection, metadata, embedder, config))
+        cpu.append((time.process_time() - c) / len(metadata))
+        wall.append((time.perf_counter() - w) / len(metadata))
+        assert all(not hasattr(r, "reason") for r in results), results
+    return statistics.median(cpu), statistics.median(wall)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cells", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()}")
+    print("| model | tiny architecture | params | dim | model CPU s/cell (1 thread) | "
+          "engine CPU s/cell | engine wall s/cell |")
+    print("|---|---|---|---|---|---|---|")
+    results = {}
+    workdir = Path(tempfile.mkdtemp(prefix="majortom_bench_tiny_"))
+    collections: dict[str, tuple[CoreCollection, object]] = {}
+    try:
+        for name in args.models:
+            spec = get_spec(name)
+            if spec.source not in collections:
+                path = synthetic.generate_collection(workdir / spec.source, spec.source,
+                                                     cells=synthetic.default_cells()[: args.cells])
+                collection = CoreCollection(str(path))
+                collections[spec.source] = (collection, collection.metadata())
+            collection, metadata = collections[spec.source]
+            embedder = load_embedder(name, "random", tiny=True)
+            assert embedder.weights.random
+            params = sum(p.numel() for p in embedder.parameters())
+            model_s = model_cost(embedder, args.repeats)
+            cpu_s, wall_s = engine_cost(collection, metadata, embedder, args.repeats)
+            results[name] = {"params": params, "dim": embedder.embedding_dim, "model_cpu_s_per_cell": model_s,
+                             "engine_cpu_s_per_cell": cpu_s, "engine_wall_s_per_cell": wall_s,
+                             "architecture": embedder.weights.source}
+            print(f"| {name} | {embedder.weights.source} | {params / 1e3:.0f} k | {embedder.embedding_dim} | "
+                  f"{model_s:.3f} | {cpu_s:.3f} | {wall_s:.3f} |", flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(f"\nload average after the run: {os.getloadavg()}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
