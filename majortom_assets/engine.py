@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from majortom_assets import geoparquet
 from majortom_assets.core import (
@@ -65,14 +65,32 @@ class EngineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    device: str = "auto"
-    precision: Precision = "auto"
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:<index> (auto: CUDA when present)")
+    precision: Precision = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU")
     batch_size: int = Field(64, ge=1, le=MAX_BATCH_SIZE,
                             description="fragments per model call (cells are mixed freely)")
     decode_workers: int = Field(2, ge=1, description="threads reading and decoding samples")
     prefetch_samples: int = Field(4, ge=1, description="samples decoded ahead of the model")
-    channels_last: bool = True
+    channels_last: bool = Field(True, description="channels-last memory format for CNNs")
     image_size: int = Field(CORE_IMAGE_SIZE, ge=1, description="10 m side the samples are decoded to")
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any], label: Callable[[str], str] = str) -> EngineConfig:
+        """The config of `values`, or a ValueError of one line naming each bad value by
+        `label(field)` (a CLI flag, an environment variable, a resource field), so every front end
+        reports a bad device, precision or batch size the same way and says what to change."""
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            problems = []
+            for err in exc.errors():
+                name = label(str(err["loc"][0])) if err["loc"] else "engine config"
+                given = err.get("input")
+                message = err["msg"].removeprefix("Value error, ")
+                if isinstance(given, (str, int, float, bool)) and repr(given) not in message:
+                    message += f" (got {given!r})"
+                problems.append(f"{name}: {message}")
+            raise ValueError("; ".join(problems)) from None
 
     @field_validator("device")
     @classmethod

@@ -38,7 +38,8 @@ def local_env(home: Path, dagster_home: Path, model: str, image_size: int) -> di
 
 def local_resources(home: Path, model: str, image_size: int) -> dict:
     """In-process resources with the settings `local_env` gives a subprocess."""
-    return build_resources(MajorTomSettings(home=home, models=(model,), image_size=image_size, batch_size=BATCH_SIZE))
+    return build_resources(MajorTomSettings(home=home, models=(model,),
+                                            compute={"image_size": image_size, "batch_size": BATCH_SIZE}))
 
 
 def pipeline_assets(source: str, model: str, *, products: bool = True) -> list:

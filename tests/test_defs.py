@@ -113,11 +113,11 @@ def test_paths_stay_inside_the_storage_root(tmp_path):
 
 def test_settings_switch_resource_sets_by_environment(tmp_path):
     local = MajorTomSettings.from_env({"MAJORTOM_HOME": str(tmp_path)})
-    assert local.environment == "local" and local.device == "cpu" and local.weights == "random" and local.tiny
+    assert local.environment == "local" and local.compute.device == "cpu" and local.weights == "random" and local.tiny
     assert local.collections["S2L1C"] == "collections/Core-S2L1C"
     prod = MajorTomSettings.from_env({"MAJORTOM_ENV": "prod", "MAJORTOM_MODELS": "siglip-rgb"})
     assert prod.collections["S2L2A"] == "hf://datasets/Major-TOM/Core-S2L2A"
-    assert (prod.device, prod.weights, prod.tiny, prod.models) == (
+    assert (prod.compute.device, prod.weights, prod.tiny, prod.models) == (
         "auto",
         "pretrained",
         False,
@@ -135,11 +135,38 @@ def test_settings_switch_resource_sets_by_environment(tmp_path):
         ({"MAJORTOM_MODELS": "resnet"}, "MAJORTOM_MODELS"),
         ({"MAJORTOM_DEVICE": "tpu"}, "MAJORTOM_DEVICE"),
         ({"MAJORTOM_BATCH_SIZE": "0"}, "MAJORTOM_BATCH_SIZE"),
+        ({"MAJORTOM_PRECISION": "fp8"}, "MAJORTOM_PRECISION: Input should be 'auto', 'fp32', 'bf16' or 'fp16'"),
+        ({"MAJORTOM_DECODE_WORKERS": "0", "MAJORTOM_DEVICE": "gpu"},
+         "MAJORTOM_DEVICE: .*'gpu'; MAJORTOM_DECODE_WORKERS: .* greater than or equal to 1"),
     ],
 )
 def test_bad_settings_name_the_variable_to_fix(env, names):
     with pytest.raises(ValueError, match=names):
         MajorTomSettings.from_env(env)
+
+
+def test_compute_settings_and_resource_are_the_engine_config(tmp_path):
+    """Device, precision, batch size, ... are declared once, by engine.EngineConfig: the settings
+    hold one, every field has its MAJORTOM_<FIELD> variable, and ComputeResource has its fields."""
+    from majortom_assets.defs.resources import COMPUTE_FIELDS, ComputeResource
+    from majortom_assets.engine import EngineConfig
+
+    assert COMPUTE_FIELDS == tuple(EngineConfig.model_fields)
+    assert tuple(ComputeResource.model_fields) == COMPUTE_FIELDS
+    for name, info in EngineConfig.model_fields.items():
+        field = ComputeResource.model_fields[name]
+        assert (field.default, field.description, field.metadata) == (info.default, info.description, info.metadata)
+    env = {"MAJORTOM_HOME": str(tmp_path), "MAJORTOM_DECODE_WORKERS": "3", "MAJORTOM_PREFETCH_SAMPLES": "7",
+           "MAJORTOM_CHANNELS_LAST": "false", "MAJORTOM_IMAGE_SIZE": "96"}
+    settings = MajorTomSettings.from_env(env)
+    assert settings.compute == EngineConfig(device="cpu", precision="fp32", batch_size=16, decode_workers=3,
+                                            prefetch_samples=7, channels_last=False, image_size=96)
+    assert MajorTomSettings.from_env({"MAJORTOM_ENV": "prod"}).compute == EngineConfig(batch_size=64)
+    compute = build_resources(settings)["compute"]
+    assert isinstance(compute, ComputeResource) and compute.engine_config() == settings.compute
+    # a value set in the launchpad that the engine refuses fails the step in one line
+    with pytest.raises(dg.Failure, match=r"^compute resource device: device must be auto, cpu, cuda"):
+        ComputeResource(device="tpu").engine_config()
 
 
 def test_row_sample_counts_and_new_rows_are_validated_and_sorted():

@@ -54,13 +54,22 @@ def test_s1_rows_match_direct_computation_in_metadata_order(s1rtc_collection, s1
 
 
 def test_batch_size_invariance(s1rtc_collection, s1_tiny):
+    """Batches mix fragments of several cells (25 per cell: batch 3 splits cells across batches,
+    batch 64 holds parts of three cells); every sample's rows must not depend on its neighbours."""
     collection = CoreCollection(str(s1rtc_collection))
-    metadata = collection.metadata().iloc[:1]
+    metadata = collection.metadata().iloc[:4]
+    assert metadata["product_id"].nunique() == 4
     one = list(embed_samples(collection, metadata, s1_tiny, EngineConfig(batch_size=1, prefetch_samples=1)))
-    many = list(embed_samples(collection, metadata, s1_tiny, EngineConfig(batch_size=64, decode_workers=2)))
-    for a, b in zip(one, many, strict=True):
-        np.testing.assert_allclose(geoparquet.embedding_matrix(a), geoparquet.embedding_matrix(b), atol=1e-5)
-        assert a.column("pixel_bbox").equals(b.column("pixel_bbox"))
+    assert len(one) == 4 and all(t.num_rows == 25 for t in one)
+    for config in (EngineConfig(batch_size=3, prefetch_samples=2), EngineConfig(batch_size=64, decode_workers=2)):
+        mixed = list(embed_samples(collection, metadata, s1_tiny, config))
+        for a, b in zip(one, mixed, strict=True):
+            assert a.column("product_id").equals(b.column("product_id"))
+            np.testing.assert_allclose(geoparquet.embedding_matrix(a), geoparquet.embedding_matrix(b), atol=1e-5)
+            assert a.column("pixel_bbox").equals(b.column("pixel_bbox"))
+    # and the samples are told apart: a mix-up between cells could not pass as equal rows
+    first, second = geoparquet.embedding_matrix(one[0]), geoparquet.embedding_matrix(one[1])
+    assert np.abs(first - second).max() > 1e-3
 
 
 def test_siglip_fragments_per_cell(s2l2a_collection):
@@ -155,6 +164,27 @@ def test_image_smaller_than_fragment_is_a_failure(s1rtc_collection, s1_tiny):
     (result,) = embed_samples(collection, metadata, s1_tiny, EngineConfig())
     assert isinstance(result, SampleFailure) and result.product_id == metadata["product_id"].iloc[0]
     assert "cannot fragment" in result.reason and "smaller than the fragment size 224" in result.reason
+
+
+def test_cli_flags_are_generated_from_the_engine_config():
+    from majortom_assets.cli import build_parser
+    from majortom_assets.cli.embed import engine_config_from_args, engine_flag
+
+    parser = build_parser()
+    base = ["embed", "--collection", "c", "--model", "ssl4eo-s1", "--out", "o"]
+    help_text = parser._subparsers._group_actions[0].choices["embed"].format_help()
+    for name, info in EngineConfig.model_fields.items():
+        assert engine_flag(name) in help_text and f"(default: {info.default})" in " ".join(help_text.split())
+    assert engine_config_from_args(parser.parse_args(base)) == EngineConfig()
+    args = parser.parse_args([*base, "--batch-size", "3", "--no-channels-last", "--precision", "fp32",
+                              "--image-size", "96", "--device", "CPU"])
+    assert engine_config_from_args(args) == EngineConfig(batch_size=3, channels_last=False, precision="fp32",
+                                                         image_size=96, device="cpu")
+    bad = parser.parse_args([*base, "--device", "tpu", "--decode-workers", "0"])
+    with pytest.raises(ValueError) as problem:
+        engine_config_from_args(bad)
+    assert str(problem.value) == ("--device: device must be auto, cpu, cuda or cuda:<index>, got 'tpu'; "
+                                  "--decode-workers: Input should be greater than or equal to 1 (got 0)")
 
 
 def test_cli_embed_writes_one_file_per_row(s1rtc_collection, tmp_path):

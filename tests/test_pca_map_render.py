@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import rasterio
 
 from majortom_assets.vectors import pca_map as pm
 
@@ -128,7 +129,6 @@ def test_preview_has_an_inset_only_for_clustered_cells():
 
 
 def test_geotiff_holds_only_cell_values(tmp_path):
-    rasterio = pytest.importorskip("rasterio")
     image, mask = pm.render_map(np.array([12.5]), np.array([41.9]), np.array([[10, 200, 30]], np.uint8))
     path = pm.write_geotiff(image, mask, tmp_path / "m.tif")
     with rasterio.open(path) as src:

@@ -38,6 +38,9 @@ def test_series_aligned_and_ordered(data):
 
 
 def test_change_scores_find_changed_cells(data):
+    assert data.changed_cells, "the synthetic data must hold cells with a change for this test to mean anything"
+    assert set(data.changed_cells) < set(data.labels.grid_cell)   # and cells without one
+    checked = 0
     for cell in data.labels.grid_cell:
         series = timeseries.series_for(data.paths, cell)
         per_fragment, per_cell = timeseries.change_scores(series)
@@ -52,6 +55,8 @@ def test_change_scores_find_changed_cells(data):
         if cell in data.changed_cells:
             assert top == data.changed_cells[cell] - 1  # the jump is between dates idx-1 and idx
             assert per_cell.cosine_distance.max() > 5 * np.median(per_cell.cosine_distance)
+            checked += 1
+    assert checked == len(data.changed_cells)
 
 
 def test_partition_scores_and_errors(data):

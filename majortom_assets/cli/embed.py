@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import ValidationError
 
@@ -22,6 +23,44 @@ from majortom_assets.cli.common import describe, fail, split_list
 from majortom_assets.remote import redact_text
 
 MAX_LISTED_FAILURES = 20
+
+
+def engine_flag(field: str) -> str:
+    """The command-line flag of an `EngineConfig` field: batch_size -> --batch-size."""
+    return "--" + field.replace("_", "-")
+
+
+def add_engine_flags(p: argparse.ArgumentParser) -> tuple[str, ...]:
+    """One flag per `engine.EngineConfig` field, with its type, choices, default and description.
+
+    The flags are generated, not declared, so the engine config stays the one place that says what
+    can be set and what is valid: a new field becomes a flag by itself. Defaults are left to
+    `EngineConfig` (a flag not given is not passed), and its validation produces the error
+    (`engine_config_from_args`). Returns the names of the fields that got a flag.
+    """
+    from majortom_assets.engine import EngineConfig
+
+    group = p.add_argument_group("inference", "how the model runs (engine.EngineConfig)")
+    for name, info in EngineConfig.model_fields.items():
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS,
+                                  "help": f"{info.description or name} (default: {info.default})"}
+        annotation = info.annotation
+        if get_origin(annotation) is Literal:
+            kwargs["choices"] = [str(v) for v in get_args(annotation)]
+        elif annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif annotation in (int, float):
+            kwargs["type"] = annotation
+        group.add_argument(engine_flag(name), **kwargs)
+    return tuple(EngineConfig.model_fields)
+
+
+def engine_config_from_args(args: argparse.Namespace):
+    """The `EngineConfig` of the flags given; ValueError in one line naming each bad flag."""
+    from majortom_assets.engine import EngineConfig
+
+    given = {name: getattr(args, name) for name in EngineConfig.model_fields if hasattr(args, name)}
+    return EngineConfig.from_values(given, label=engine_flag)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,18 +78,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="output root; files go to OUT/<model>/row=<ROW>/")
     p.add_argument("--rows", nargs="+", help="grid rows to embed, e.g. 136U 12D (default: all)")
     p.add_argument("--limit", type=int, help="embed at most N samples")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<index> (default: auto)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto = bf16 autocast on CUDA, fp32 on CPU")
-    p.add_argument("--batch-size", type=int, default=64, help="fragments per model call (default: 64)")
-    p.add_argument("--decode-workers", type=int, default=2, help="sample decoding threads (default: 2)")
-    p.add_argument("--image-size", type=int, default=1068, help="10 m side of the samples (default: 1068)")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights (default: 0)")
     p.add_argument("--tiny", action="store_true",
                    help="use a tiny random model of the same architecture (tests/demos; smaller embedding dim)")
     p.add_argument("--reference-compatible", action="store_true",
                    help="reproduce the public reference's DINOv2 preprocessing (comparison only)")
     p.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
+    add_engine_flags(p)
     p.set_defaults(func=run_embed)
 
 
@@ -59,12 +93,11 @@ def run_embed(args: argparse.Namespace) -> int:
 
     from majortom_assets import grid
     from majortom_assets.core import CoreCollection, MetadataFilter
-    from majortom_assets.engine import EmbedStats, EngineConfig, embed_to_file
+    from majortom_assets.engine import EmbedStats, embed_to_file
     from majortom_assets.models import WeightsUnavailableError, load_embedder
 
     try:
-        config = EngineConfig(device=args.device, precision=args.precision, batch_size=args.batch_size,
-                              decode_workers=args.decode_workers, image_size=args.image_size)
+        config = engine_config_from_args(args)
         device = config.resolve_device()
         config.resolve_precision(device)
         flt = MetadataFilter(rows=split_list(args.rows), limit=args.limit)

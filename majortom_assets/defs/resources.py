@@ -10,6 +10,11 @@ picks a resource set by `MAJORTOM_ENV`:
 
 The same asset code runs in both; only the resources differ. Each field can be overridden by its
 own variable (see `_ENV`). Models are loaded once per process in `setup_for_execution`.
+
+How inference runs (device, precision, batch size, decode threads, image size, ...) is
+`engine.EngineConfig` and nothing else: the settings hold one, its fields are read from
+``MAJORTOM_<FIELD>`` variables, and `ComputeResource` is generated from its fields, so a field
+added to the engine config is configurable everywhere without touching this module.
 """
 
 from __future__ import annotations
@@ -18,29 +23,41 @@ import functools
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import dagster as dg
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+import pydantic
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from majortom_assets.defs import keys
+from majortom_assets.engine import EngineConfig
 from majortom_assets.layout import StorageLayout
 from majortom_assets.models.spec import MODEL_SPECS
 from majortom_assets.remote import redact_url
+from majortom_assets.standard import SOURCES
 
 Environment = Literal["local", "prod"]
+
+#: The engine settings a deployment can set: every field of `engine.EngineConfig`.
+COMPUTE_FIELDS: tuple[str, ...] = tuple(EngineConfig.model_fields)
 
 _ENV = {
     "environment": "MAJORTOM_ENV",
     "home": "MAJORTOM_HOME",
     "models": "MAJORTOM_MODELS",
-    "device": "MAJORTOM_DEVICE",
-    "precision": "MAJORTOM_PRECISION",
-    "batch_size": "MAJORTOM_BATCH_SIZE",
     "weights": "MAJORTOM_WEIGHTS",
     "tiny": "MAJORTOM_TINY",
-    "image_size": "MAJORTOM_IMAGE_SIZE",
 }
+#: MAJORTOM_DEVICE, MAJORTOM_PRECISION, MAJORTOM_BATCH_SIZE, MAJORTOM_IMAGE_SIZE, ...
+_COMPUTE_ENV = {name: f"MAJORTOM_{name.upper()}" for name in COMPUTE_FIELDS}
 _COLLECTION_ENV = "MAJORTOM_COLLECTION_{source}"  # e.g. MAJORTOM_COLLECTION_S2L1C=hf://datasets/...
 # Resource config is shown in the UI and stored with every run: a collection URL that carries
 # credentials is configured as "env:<VARIABLE>" and read from the environment only when opened.
@@ -55,18 +72,14 @@ def _configured_url(source: str, url: str) -> str:
 
 _PRESETS: dict[str, dict[str, Any]] = {
     "local": {
-        "collections": {s: f"collections/Core-{s}" for s in keys.SOURCES},
-        "device": "cpu",
-        "precision": "fp32",
-        "batch_size": 16,
+        "collections": {s: f"collections/Core-{s}" for s in SOURCES},
+        "compute": {"device": "cpu", "precision": "fp32", "batch_size": 16},
         "weights": "random",
         "tiny": True,
     },
     "prod": {
-        "collections": {s: f"hf://datasets/Major-TOM/Core-{s}" for s in keys.SOURCES},
-        "device": "auto",
-        "precision": "auto",
-        "batch_size": 64,
+        "collections": {s: f"hf://datasets/Major-TOM/Core-{s}" for s in SOURCES},
+        "compute": {"device": "auto", "precision": "auto", "batch_size": 64},
         "weights": "pretrained",
         "tiny": False,
     },
@@ -82,12 +95,19 @@ class MajorTomSettings(BaseModel):
     home: Path = Path("data")
     models: tuple[str, ...] = tuple(MODEL_SPECS)
     collections: dict[str, str] = Field(default_factory=lambda: dict(_PRESETS["local"]["collections"]))
-    device: str = "cpu"
-    precision: str = "fp32"
-    batch_size: int = Field(default=16, ge=1, le=4096)
+    compute: EngineConfig = Field(default_factory=lambda: EngineConfig(**_PRESETS["local"]["compute"]))
     weights: str = "random"
     tiny: bool = True
-    image_size: int = Field(default=1068, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _compute_over_preset(cls, data: Any) -> Any:
+        """Engine values given as a mapping complete the environment's preset (local: CPU, fp32,
+        batch 16), so `compute={"image_size": 96}` changes the image size and nothing else."""
+        if isinstance(data, Mapping) and isinstance(data.get("compute"), Mapping):
+            preset = _PRESETS.get(str(data.get("environment", "local")), _PRESETS["local"])["compute"]
+            data = {**data, "compute": {**preset, **data["compute"]}}
+        return data
 
     @field_validator("models", mode="before")
     @classmethod
@@ -102,16 +122,9 @@ class MajorTomSettings(BaseModel):
     @field_validator("collections")
     @classmethod
     def _known_sources(cls, value: dict[str, str]) -> dict[str, str]:
-        unknown = sorted(set(value) - set(keys.SOURCES))
+        unknown = sorted(set(value) - set(SOURCES))
         if unknown:
-            raise ValueError(f"unknown collection source(s) {unknown}; known: {', '.join(keys.SOURCES)}")
-        return value
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, value: str) -> str:
-        if value not in ("auto", "cpu") and not (value == "cuda" or value.startswith("cuda:")):
-            raise ValueError(f"device {value!r} must be auto, cpu, cuda or cuda:N")
+            raise ValueError(f"unknown collection source(s) {unknown}; known: {', '.join(SOURCES)}")
         return value
 
     @classmethod
@@ -126,17 +139,21 @@ class MajorTomSettings(BaseModel):
         for field, var in _ENV.items():
             if field != "environment" and env.get(var, "").strip():
                 raw[field] = env[var].strip()
-        for source in keys.SOURCES:
+        for source in SOURCES:
             override = env.get(_COLLECTION_ENV.format(source=source), "").strip()
             if override:
                 raw["collections"][source] = override
+        compute = {**raw["compute"], **{f: env[v].strip() for f, v in _COMPUTE_ENV.items() if env.get(v, "").strip()}}
         try:
+            raw["compute"] = EngineConfig.from_values(compute, label=_COMPUTE_ENV.__getitem__)
             return cls(**raw)
         except ValidationError as exc:
             problems = "; ".join(
                 f"{_ENV.get(str(e['loc'][0]), e['loc'][0])}: {e['msg']}" for e in exc.errors()
             )
             raise ValueError(f"invalid majortom settings: {problems}") from None
+        except ValueError as exc:   # engine values, already one line naming the variables
+            raise ValueError(f"invalid majortom settings: {exc}") from None
 
 
 @functools.cache
@@ -196,27 +213,34 @@ class CollectionsResource(dg.ConfigurableResource):
         return CoreCollection(self._location(source))
 
 
-class ComputeResource(dg.ConfigurableResource):
-    """Device and batching for inference; the asset never picks `cuda` itself."""
+class _ComputeBase(dg.ConfigurableResource):
+    def engine_config(self) -> EngineConfig:
+        """The engine config of this resource; a bad value (e.g. set in the launchpad) fails the
+        step with one line naming the resource field."""
+        try:
+            return EngineConfig.from_values({name: getattr(self, name) for name in COMPUTE_FIELDS},
+                                            label=lambda name: f"compute resource {name}")
+        except ValueError as exc:
+            raise dg.Failure(str(exc), allow_retries=False) from None
 
-    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
-    precision: str = Field(default="auto", description="auto | fp32 | fp16 | bf16")
-    batch_size: int = Field(default=64, ge=1)
-    decode_workers: int = Field(default=2, ge=1)
-    prefetch_samples: int = Field(default=4, ge=1)
-    image_size: int = Field(default=1068, ge=1, description="10 m side of the samples (Core: 1068)")
 
-    def engine_config(self):
-        from majortom_assets.engine import EngineConfig
+def _resource_field(name: str) -> tuple[Any, Any]:
+    """An EngineConfig field as a resource field: same type, constraints, default and description."""
+    info = EngineConfig.model_fields[name]
+    annotation = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+    return annotation, Field(default=info.default, description=info.description)
 
-        return EngineConfig(
-            device=self.device,
-            precision=self.precision,
-            batch_size=self.batch_size,
-            decode_workers=self.decode_workers,
-            prefetch_samples=self.prefetch_samples,
-            image_size=self.image_size,
-        )
+
+#: Device and batching for inference, one field per `EngineConfig` field (same defaults and
+#: constraints); the asset never picks `cuda` itself and calls `engine_config()`.
+ComputeResource = pydantic.create_model(
+    "ComputeResource",
+    __base__=_ComputeBase,
+    __module__=__name__,
+    __doc__="How the embedding steps run: every field of `engine.EngineConfig` (device, precision, "
+            "batch size, decode threads, image size, ...).",
+    **{name: _resource_field(name) for name in COMPUTE_FIELDS},
+)
 
 
 class EmbedderResource(dg.ConfigurableResource):
@@ -279,12 +303,7 @@ def build_resources(settings: MajorTomSettings | None = None) -> dict[str, Any]:
         else str(settings.home.expanduser().resolve())
     )
     storage = StorageResource(home=home)
-    compute = ComputeResource(
-        device=settings.device,
-        precision=settings.precision,
-        batch_size=settings.batch_size,
-        image_size=settings.image_size,
-    )
+    compute = ComputeResource(**settings.compute.model_dump())
     resources: dict[str, Any] = {
         "storage": storage,
         "collections": CollectionsResource(

@@ -46,7 +46,7 @@ def test_materialisations_are_recorded_in_postgres(tmp_path, pg_instance, monkey
     monkeypatch.delenv("MAJORTOM_HOME", raising=False)
     home = tmp_path / "home"
     synthetic_rows(home, ROWS, cells_per_row=2, seed=5)
-    settings = MajorTomSettings(home=home, models=(MODEL,), image_size=IMAGE_SIZE, batch_size=8)
+    settings = MajorTomSettings(home=home, models=(MODEL,), compute={"image_size": IMAGE_SIZE, "batch_size": 8})
     assets = [build_core_metadata_asset("S2L2A"), build_core_shards_asset("S2L2A"),
               build_fragments_asset(224, ("S2L2A",)), build_embeddings_asset(MODEL)]
     resources = build_resources(settings)

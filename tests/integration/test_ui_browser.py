@@ -26,13 +26,15 @@ from PIL import Image
 from majortom_assets import geoparquet
 from majortom_assets.defs.checks import CHECK_NAMES
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not ui.chromium_available(),
-        reason=f"{ui.CHROMIUM} is not installed (Debian package `chromium`; `make setup` installs it)",
-    ),
-]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def chromium_installed() -> None:
+    """A missing browser is a broken setup, not a reason to pass quietly: fail, saying how to fix it."""
+    if not ui.chromium_available():
+        pytest.fail(f"{ui.CHROMIUM} is not installed: run `make setup` (it installs the Debian package "
+                    "`chromium`), or `apt-get install chromium`", pytrace=False)
 
 SLUG = "dinov2_rgb"
 METADATA = f"core / {ui.SOURCE.lower()} / metadata"
