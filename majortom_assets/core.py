@@ -47,6 +47,9 @@ METADATA_COLUMNS: tuple[str, ...] = (
 REQUIRED_METADATA_COLUMNS: tuple[str, ...] = ("grid_cell", "product_id", "parquet_url", "parquet_row")
 
 HF_PREFIX = "hf://"
+#: Land-cover labels per cell (grid_cell, class_id, class_name) beside a collection's metadata:
+#: written by `synthetic`, read by the evaluation (`CoreCollection.labels`).
+LABELS_FILE = "labels.parquet"
 _IMAGES_FILE = re.compile(r"(?:^|/)images/([A-Za-z0-9_.\-]+\.parquet)$")
 _CORE_TIMESTAMP_FORMAT = "%Y%m%dT%H%M%S"   # how Core metadata spells acquisition times
 
@@ -324,6 +327,25 @@ class CoreCollection:
     @property
     def metadata_path(self) -> str:
         return self._join("metadata.parquet")
+
+    @property
+    def labels_path(self) -> str:
+        """Where the collection keeps its land-cover labels per cell (`LABELS_FILE`)."""
+        return self._join(LABELS_FILE)
+
+    def labels(self) -> pd.DataFrame:
+        """The collection's labels (grid_cell, class_id, class_name): what the evaluation scores
+        embeddings against. FileNotFoundError naming the collection when it has none (the
+        synthetic collections have them; Major TOM Core does not)."""
+        try:
+            with call_with_retries(lambda: self.fs.open(self.labels_path, "rb"), self.labels_path,
+                                   what=f"opening {LABELS_FILE}") as fh:
+                return pd.read_parquet(fh)
+        except RemoteTimeoutError:
+            raise
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.url} has no {LABELS_FILE} (grid_cell, class_id, class_name); "
+                                    "the evaluation needs land-cover labels per cell") from None
 
     def shard_path(self, parquet_url: str) -> str:
         """Where a metadata ``parquet_url`` lives in *this* collection.

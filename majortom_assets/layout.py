@@ -14,6 +14,8 @@ from pathlib import Path
 from majortom_assets import grid
 from majortom_assets.standard import EXPORT_PRECISIONS
 
+#: `reports/comparison/`: multi-model reports; no model may take the name.
+COMPARISON = "comparison"
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -51,6 +53,16 @@ class StorageLayout:
     @classmethod
     def at(cls, home: str | Path) -> StorageLayout:
         return cls(Path(home).expanduser().resolve())
+
+    @classmethod
+    def of_sql_database(cls, path: str | Path) -> StorageLayout:
+        """The layout whose `sql_database()` is `path` (``<root>/sql/<file>``): the root its views
+        read their relative paths from."""
+        path = Path(path).expanduser().resolve()
+        if path.parent.name != "sql":
+            raise StoragePathError(f"{path} is not in a storage root's sql/ folder; give the storage root "
+                                   "its views read from")
+        return cls(path.parent.parent)
 
     def inside(self, *parts: str | int) -> Path:
         """Join validated segments under the root; refuses anything that resolves outside it."""
@@ -100,7 +112,21 @@ class StorageLayout:
         return self.inside("exports", _segment(model, "model"), precision)
 
     def report_dir(self, model: str) -> Path:
+        if model == COMPARISON:
+            raise StoragePathError(f"model name {model!r} is reserved for reports/{COMPARISON}/")
         return self.inside("reports", _segment(model, "model"))
+
+    def comparison_report_dir(self) -> Path:
+        """Reports that put several models side by side (an evaluation of more than one model)."""
+        return self.inside("reports", COMPARISON)
+
+    def evaluation_dir(self, models: list[str] | tuple[str, ...]) -> Path:
+        """Where an evaluation of `models` writes evaluation.json / .md: the model's own report
+        folder for one model (what the `vectors/<model>/evaluation` asset writes), the
+        comparison folder for several, whichever of the CLI or Dagster runs it."""
+        if not models:
+            raise ValueError("an evaluation needs at least one model")
+        return self.report_dir(models[0]) if len(models) == 1 else self.comparison_report_dir()
 
     def change_file(self, model: str) -> Path:
         """Per-cell change scores between consecutive dates (`vectors/<model>/change`)."""

@@ -34,7 +34,7 @@ from pyproj import Transformer
 from rasterio.io import MemoryFile
 
 from majortom_assets import grid
-from majortom_assets.core import band_factor
+from majortom_assets.core import LABELS_FILE, band_factor
 from majortom_assets.geoparquet import atomic_output
 from majortom_assets.standard import (
     BANDS,
@@ -529,7 +529,7 @@ def generate_collection(out_dir: str | os.PathLike, source: Source, cells: Seque
     labels = pa.table({"grid_cell": cell_names,
                        "class_id": pa.array([cell_class(c, cfg.seed) for c in cell_names], pa.int32()),
                        "class_name": [LAND_COVER_CLASSES[cell_class(c, cfg.seed)] for c in cell_names]})
-    with atomic_output(out / "labels.parquet") as tmp:
+    with atomic_output(out / LABELS_FILE) as tmp:
         pq.write_table(labels, tmp)
     with atomic_output(out / "metadata.parquet") as tmp:
         pq.write_table(metadata, tmp)

@@ -109,6 +109,14 @@ def test_paths_stay_inside_the_storage_root(tmp_path):
         layout.map_dir("../../x")
     with pytest.raises(StoragePathError):
         layout.export_dir("dinov2-rgb", "int4")
+    # one place decides where an evaluation goes, for the CLI and the asset alike
+    assert layout.evaluation_dir(["dinov2-rgb"]) == layout.report_dir("dinov2-rgb")
+    assert layout.evaluation_dir(["dinov2-rgb", "siglip-rgb"]) == tmp_path.resolve() / "reports" / "comparison"
+    with pytest.raises(StoragePathError, match="reserved"):
+        layout.report_dir("comparison")
+    assert StorageLayout.of_sql_database(layout.sql_database()) == layout
+    with pytest.raises(StoragePathError, match="sql/ folder"):
+        StorageLayout.of_sql_database(tmp_path / "catalog.duckdb")
 
 
 def test_settings_switch_resource_sets_by_environment(tmp_path):

@@ -105,9 +105,10 @@ def test_sql_catalog_reopens_with_views_matching_the_parquet_rows(run):
     path = home / "sql" / "majortom.duckdb"
     parquet_rows = sum(pq.read_metadata(p).num_rows for p in (home / "embeddings" / MODEL).glob("row=*/*.parquet"))
 
-    # a plain DuckDB client: read-only, spatial loaded from the wheel's directory
+    # a plain DuckDB client: read-only, spatial loaded from the wheel's directory, paths under the root
     con = duckdb.connect(str(path), read_only=True, config={"extension_directory": str(sql.extension_directory())})
     con.execute("LOAD spatial")
+    con.execute(f"SET file_search_path = '{home}'")
     try:
         assert con.sql("SELECT model, view FROM majortom_models").fetchall() == [(MODEL, "dinov2_rgb")]
         assert con.sql("SELECT count(*) FROM dinov2_rgb").fetchone()[0] == parquet_rows

@@ -25,6 +25,7 @@ from majortom_assets.cli.common import (
     rows_list,
     selected_paths,
 )
+from majortom_assets.layout import StorageLayout
 from majortom_assets.standard import EXPORT_PRECISIONS
 from majortom_assets.vectors import files
 
@@ -34,7 +35,7 @@ from majortom_assets.vectors import files
 def run_index(args) -> int:
     from majortom_assets.vectors.search import IndexConfig, build_index
 
-    out = args.out or args.root / "indexes" / args.model
+    out = args.out or StorageLayout.at(args.root).index_dir(args.model)
     cfg = IndexConfig(kind=args.kind, nlist=args.nlist, nprobe=args.nprobe)
     manifest = build_index(selected_paths(args), out, config=cfg, model=args.model, progress=not args.no_progress)
     print(f"{manifest['kind']} index of {manifest['count']} vectors (dim {manifest['dim']}) -> {out} "
@@ -48,7 +49,7 @@ def run_search(args) -> int:
 
     if args.model not in files.known_models(args.root) and args.index is None:
         files.model_paths(args.root, args.model)  # raises, listing the known models
-    index_dir = args.index or args.root / "indexes" / args.model
+    index_dir = args.index or StorageLayout.at(args.root).index_dir(args.model)
     if not index_dir.exists():
         raise FileNotFoundError(f"no index at {index_dir}; build it with "
                                 f"`majortom index --root {args.root} --model {args.model}`")
@@ -87,7 +88,7 @@ def _load_vector(path: Path) -> np.ndarray:
 def run_export(args) -> int:
     from majortom_assets.vectors.quantize import export, verify_export
 
-    out = args.out or args.root / "exports" / args.model / args.precision
+    out = args.out or StorageLayout.at(args.root).export_dir(args.model, args.precision)
     manifest = export(selected_paths(args), out, args.precision, model=args.model, progress=not args.no_progress)
     print(f"{manifest['count']} × {manifest['dim']} {manifest['precision']} -> {out} "
           f"({manifest['bytes'] / 1e6:.1f} MB)")
@@ -105,7 +106,7 @@ def run_pca_map(args) -> int:
     from majortom_assets.vectors.pca import StreamingPCA, pca_rgb_map
 
     paths = selected_paths(args)
-    out = args.out or args.root / "maps" / args.model
+    out = args.out or StorageLayout.at(args.root).map_dir(args.model)
     pca = StreamingPCA(3).fit_files(paths, central_only=args.fit == "central", progress=not args.no_progress)
     pca.save(out / "pca_model.npz")
     meta = pca_rgb_map(paths, pca, out / "pca.png", out / "pca.parquet", out / "pca.tif" if args.tif else None,
@@ -128,13 +129,18 @@ def run_evaluate(args) -> int:
     paths = {m: files.model_paths(args.root, m, rows) for m in models}
     cfg = EvalConfig(folds=args.folds, k=args.k, label_column=args.label_column, fragments=args.fragments)
     report = evaluate(paths, labels, config=cfg)
-    written = report.write(args.out or args.root / "reports" / "evaluation")
+    # the same folder the Dagster evaluation asset writes: reports/<model>/, or reports/comparison/
+    written = report.write(args.out or StorageLayout.at(args.root).evaluation_dir(list(models)))
     print(report.to_markdown())
     print(f"written: {written['markdown']}, {written['json']}")
     return 0
 
 
 def _read_labels(path: Path) -> pd.DataFrame:
+    if path.is_dir():   # a Core collection folder: its labels.parquet
+        from majortom_assets.core import CoreCollection
+
+        return CoreCollection(str(path)).labels()
     if not path.is_file():
         raise FileNotFoundError(f"labels file {path} does not exist")
     if path.suffix == ".csv":
@@ -234,12 +240,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_root_model(p, model_required=False)
     p.add_argument("--models", nargs="+", help="models to compare (default: all under ROOT)")
     p.add_argument("--labels", type=Path, required=True,
-                   help="parquet/csv with grid_cell (or lat, lon) and a label column")
+                   help="parquet/csv with grid_cell (or lat, lon) and a label column, or a Core collection "
+                        "folder holding labels.parquet")
     p.add_argument("--label-column", default="class_id")
     p.add_argument("--folds", type=positive_int, default=5)
     p.add_argument("-k", type=positive_int, default=5, help="k-NN neighbours (default 5)")
     p.add_argument("--fragments", default="all", choices=["all", "central"])
-    p.add_argument("--out", type=Path, help="report directory (default: ROOT/reports/evaluation)")
+    p.add_argument("--out", type=Path,
+                   help="report directory (default: ROOT/reports/MODEL for one model, ROOT/reports/comparison "
+                        "for several)")
     p.set_defaults(func=run_evaluate)
 
     p = subparsers.add_parser("timeseries", help="embedding time series and change scores of one cell")

@@ -4,7 +4,6 @@ change scores between dates; and one SQL catalog (DuckDB views) over every model
 Each is unpartitioned and reads every row file of the model's embeddings through `vectors/`.
 """
 
-from pathlib import Path
 
 import dagster as dg
 import pandas as pd
@@ -116,22 +115,15 @@ def build_evaluation_asset(model: str) -> dg.AssetsDefinition:
         from majortom_assets.vectors import evaluate
 
         files = embedding_files(storage, model)
-        collection = collections.open(spec.source)
-        labels_path = f"{collection.root.rstrip('/')}/labels.parquet"
-        if not collection.fs.exists(labels_path):
-            raise dg.Failure(
-                f"{collections.url(spec.source)} has no labels.parquet (grid_cell, class_id, class_name); "
-                "the evaluation needs land-cover labels per cell",
-                allow_retries=False,
-            )
-        with collection.fs.open(labels_path, "rb") as fh:
-            labels = pd.read_parquet(fh)
+        try:
+            labels = collections.open(spec.source).labels()
+        except FileNotFoundError as exc:
+            raise dg.Failure(str(exc), allow_retries=False) from None
         try:
             report = evaluate.evaluate({model: files}, labels)
         except ValueError as exc:  # too few labelled cells or classes for the folds
             raise dg.Failure(f"{model} evaluation: {exc}", allow_retries=False) from None
-        out_dir = storage.layout.report_dir(model)
-        written = report.write(out_dir)
+        written = report.write(storage.layout.evaluation_dir([model]))
         markdown = report.to_markdown()
         if any_random_weights(files):
             from majortom_assets.geoparquet import RANDOM_WEIGHTS_WARNING
@@ -248,49 +240,30 @@ def build_sql_catalog_asset(models: tuple[str, ...]) -> dg.AssetsDefinition:
         group_name="vectors",
         kinds={"duckdb"},
         description="DuckDB database with one view per model over its embedding partitions (hive `row` "
-        "column, spatial GEOMETRY, FLOAT[dim] embeddings) and the cosine macros. Open it with "
-        "`majortom_assets.vectors.sql.open_database(path)` or `LOAD spatial` first.",
+        "column, spatial GEOMETRY, FLOAT[dim] embeddings), a `<view>_wkb` twin with WKB geometry for "
+        "clients without spatial, and the cosine macros; paths relative to the storage root. Open it "
+        "with `majortom_assets.vectors.sql.open_database(path)`.",
         deps=[keys.embeddings_key(m) for m in models],
         op_tags=io_step_tags(),
     )
     def _sql_catalog(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
-        from majortom_assets.geoparquet import atomic_output
         from majortom_assets.vectors import sql
 
-        present = [m for m in models if storage.layout.embedding_files(m)]
-        if not present:
-            raise dg.Failure(
-                f"no embedding files under {storage.layout.root / 'embeddings'} for {', '.join(models)}; "
-                "materialise an embeddings asset first",
-                allow_retries=False,
-            )
-        path = storage.layout.sql_database()
-        with atomic_output(path) as tmp:
-            con = sql.connect(storage.layout.root, database=str(tmp), models=present)
-            con.execute("CHECKPOINT")
-            con.close()
-            Path(f"{tmp}.wal").unlink(missing_ok=True)
-        con = sql.open_database(path)  # proves the persisted views resolve after reopening
         try:
-            views = con.sql(f"SELECT model, view, dim, partitions FROM {sql.MODELS_VIEW} ORDER BY model").df()
-            views["rows"] = [con.sql(f'SELECT count(*) FROM "{v}"').fetchone()[0] for v in views["view"]]
-            view = views["view"].iloc[0]
-            uid = con.sql(f'SELECT unique_id FROM "{view}" ORDER BY unique_id LIMIT 1').fetchone()[0]
-            query = (f"SELECT unique_id, grid_cell, timestamp, round(similarity, 4) AS similarity\n"
-                     f"FROM {view}_similar('{uid}', 5)\nORDER BY similarity DESC, unique_id")
-            example = con.sql(query).df()
-        finally:
-            con.close()
-        random_weights = any(any_random_weights(storage.layout.embedding_files(m)) for m in present)
+            catalog = sql.write_database(storage.layout, models)
+        except FileNotFoundError as exc:
+            raise dg.Failure(str(exc), allow_retries=False) from None
+        views = catalog.views
+        random_weights = any(any_random_weights(storage.layout.embedding_files(m)) for m in views["model"])
         return dg.MaterializeResult(
             metadata={
                 "views": dg.MetadataValue.md(presentation.markdown_table(views, limit=len(views))),
                 **{f"rows: {m}": int(n) for m, n in zip(views["model"], views["rows"])},
-                "models without embeddings": ", ".join(m for m in models if m not in present) or "none",
-                "example query": dg.MetadataValue.md(f"```sql\n{query}\n```"),
-                "example result": dg.MetadataValue.md(presentation.markdown_table(example, limit=5)),
+                "models without embeddings": ", ".join(catalog.missing) or "none",
+                "example query": dg.MetadataValue.md(f"```sql\n{catalog.example_query}\n```"),
+                "example result": dg.MetadataValue.md(presentation.markdown_table(catalog.example, limit=5)),
                 "random weights": random_weights,
-                **presentation.file_metadata(path),
+                **presentation.file_metadata(catalog.path),
             }
         )
 

@@ -2,19 +2,27 @@
 
 The spatial extension comes from the ``duckdb-ext-spatial`` wheel (no network): the connection's
 ``extension_directory`` points at ``<site-packages>/duckdb_ext/extensions``. Each view reads
-``<root>/embeddings/<model>/row=*/embeddings.parquet`` with hive partitioning (so ``row`` is a
+``embeddings/<model>/row=*/embeddings.parquet`` with hive partitioning (so ``row`` is a
 column), casts ``embedding`` to the fixed-size ``FLOAT[dim]`` that DuckDB's array functions need,
 and with spatial loaded ``geometry`` arrives as a GEOMETRY. Examples: docs/sql.md.
+
+Paths in the views are relative to the storage root and resolved through DuckDB's
+``file_search_path`` (set to the root by `connect` / `open_database`), so a copied or moved data
+folder reads its own files. Beside each view ``v`` a view ``v_wkb`` gives ``geometry`` as WKB
+bytes for DuckDB clients without the spatial extension.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
+import pandas as pd
 
+from majortom_assets.layout import StorageLayout
 from majortom_assets.vectors import files
 
 MODELS_VIEW = "majortom_models"
@@ -46,8 +54,35 @@ def view_name(model: str) -> str:
     return name if not name[:1].isdigit() else f"m_{name}"
 
 
+def wkb_view_name(model: str) -> str:
+    """The view of a model with ``geometry`` as WKB bytes, for clients without spatial."""
+    return f"{view_name(model)}_wkb"
+
+
 def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
+
+
+def _spatial_connection(database: str, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect(database, read_only=read_only, config={
+        "extension_directory": str(extension_directory()),
+        "autoinstall_known_extensions": False,
+    })
+    con.execute("LOAD spatial")
+    return con
+
+
+def _search_under(con: duckdb.DuckDBPyConnection, root: Path) -> None:
+    """Resolve the views' relative paths under `root` (DuckDB's ``file_search_path``)."""
+    con.execute(f"SET file_search_path = {_literal(str(root))}")
+
+
+def _shadow_wkb_view(con: duckdb.DuckDBPyConnection, model: str) -> None:
+    """In a session with spatial loaded the stored ``v_wkb`` view cannot bind (the Parquet reader
+    turns GeoParquet geometry into GEOMETRY there, the view was stored with BLOB): a temporary
+    view of the same name, which DuckDB resolves first, gives the same WKB through ST_AsWKB."""
+    con.execute(f'CREATE OR REPLACE TEMP VIEW "{wkb_view_name(model)}" AS SELECT * REPLACE '
+                f'(CAST(ST_AsWKB(geometry) AS BLOB) AS geometry) FROM "{view_name(model)}"')
 
 
 def connect(root: str | os.PathLike | None = None, database: str = ":memory:",
@@ -57,13 +92,18 @@ def connect(root: str | os.PathLike | None = None, database: str = ":memory:",
     Macros: ``cosine_sim(a, b)`` (array_cosine_similarity of two FLOAT[dim] arrays) and, per
     model view ``v``, the table macro ``v_similar(uid, k)`` returning the k fragments most similar
     to the fragment ``uid`` (exact scan). ``majortom_models`` lists model, view, dim, partitions.
+    Each view ``v`` has a twin ``v_wkb`` with ``geometry`` as WKB (BLOB): stored so that a DuckDB
+    client without spatial can read it, and shadowed in this session (see `_shadow_wkb_view`).
+
+    Views stored in a database file name their files relative to `root` (see the module
+    docstring); those of an in-memory session, which lives no longer than the files stay put,
+    use absolute paths, which is what `lock_down`'s allowed-directory check can vet (DuckDB
+    checks the path as written, before the search path resolves it).
     """
-    root = Path(root) if root is not None else files.default_root()
-    con = duckdb.connect(database, config={
-        "extension_directory": str(extension_directory()),
-        "autoinstall_known_extensions": False,
-    })
-    con.execute("LOAD spatial")
+    layout = StorageLayout.at(root if root is not None else files.default_root())
+    root = layout.root
+    con = _spatial_connection(database)
+    _search_under(con, root)
     con.execute("CREATE OR REPLACE MACRO cosine_sim(a, b) AS array_cosine_similarity(a, b)")
     available = files.known_models(root)
     chosen = available if models is None else models
@@ -72,11 +112,20 @@ def connect(root: str | os.PathLike | None = None, database: str = ":memory:",
         paths = files.model_paths(root, model)  # UnknownModelError lists the known ones
         dim = files.common_dim(paths)
         view = view_name(model)
-        pattern = str((root / "embeddings" / model).resolve() / "row=*" / files.EMBEDDING_FILE)
-        con.execute(
-            f'CREATE OR REPLACE VIEW "{view}" AS SELECT * REPLACE (CAST(embedding AS FLOAT[{dim}]) '
-            f"AS embedding) FROM read_parquet({_literal(pattern)}, hive_partitioning = true)"
-        )
+        files_dir = layout.embeddings_dir(model)
+        if database != ":memory:":
+            files_dir = files_dir.relative_to(root)
+        pattern = (files_dir / "row=*" / files.EMBEDDING_FILE).as_posix()
+        select = (f"SELECT * REPLACE (CAST(embedding AS FLOAT[{dim}]) AS embedding) "
+                  f"FROM read_parquet({_literal(pattern)}, hive_partitioning = true)")
+        con.execute(f'CREATE OR REPLACE VIEW "{view}" AS {select}')
+        # bound without GeoParquet conversion, so the stored geometry type is the file's WKB BLOB
+        con.execute("SET enable_geoparquet_conversion = false")
+        try:
+            con.execute(f'CREATE OR REPLACE VIEW "{wkb_view_name(model)}" AS {select}')
+        finally:
+            con.execute("RESET enable_geoparquet_conversion")
+        _shadow_wkb_view(con, model)
         con.execute(
             f'CREATE OR REPLACE MACRO "{view}_similar"(uid, k) AS TABLE '
             f'SELECT t.unique_id, t.grid_cell, t.timestamp, t.centre_lat, t.centre_lon, t.geometry, '
@@ -92,21 +141,74 @@ def connect(root: str | os.PathLike | None = None, database: str = ":memory:",
     return con
 
 
-def open_database(path: str | os.PathLike, read_only: bool = True) -> duckdb.DuckDBPyConnection:
-    """Open a DuckDB file written through ``connect(root, database=path)`` with spatial loaded.
+def open_database(path: str | os.PathLike, read_only: bool = True,
+                  root: str | os.PathLike | None = None) -> duckdb.DuckDBPyConnection:
+    """Open a DuckDB file written by `write_database` (or ``connect(root, database=path)``).
 
     The views and macros persist in the file, but a view is re-bound on every query and its
     ``geometry`` column was stored as GEOMETRY: without spatial the Parquet reader returns BLOB
-    and DuckDB refuses the view ("types don't match"). Plain clients must ``LOAD spatial`` first;
-    this does it from the wheel's extension directory (no network). The views read the Parquet
-    files by absolute path, so a moved storage root needs the file rebuilt (``connect`` again).
+    and DuckDB refuses the view ("types don't match"). This loads spatial from the wheel's
+    extension directory (no network) and resolves the views' relative paths under `root`, by
+    default the storage root the file lies in (``<root>/sql/majortom.duckdb``), so a copied or
+    moved data folder reads its own files. Clients without spatial use the ``<view>_wkb`` views
+    (``SET file_search_path = '<root>'`` first, or run from the root).
     """
-    con = duckdb.connect(str(path), read_only=read_only, config={
-        "extension_directory": str(extension_directory()),
-        "autoinstall_known_extensions": False,
-    })
-    con.execute("LOAD spatial")
+    layout = StorageLayout.at(root) if root is not None else StorageLayout.of_sql_database(path)
+    con = _spatial_connection(str(path), read_only=read_only)
+    _search_under(con, layout.root)
+    try:
+        models = [m for (m,) in con.sql(f"SELECT model FROM {MODELS_VIEW}").fetchall()]
+    except duckdb.CatalogException:
+        models = []   # not a catalog file of ours: nothing to shadow
+    for model in models:
+        _shadow_wkb_view(con, model)
     return con
+
+
+@dataclass(frozen=True)
+class SqlCatalog:
+    """What `write_database` wrote and proved: one row per view, and an example query's result."""
+
+    path: Path
+    views: pd.DataFrame          # model, view, dim, partitions, rows
+    missing: tuple[str, ...]     # requested models without embedding files (no view)
+    example_query: str
+    example: pd.DataFrame
+
+
+def write_database(layout: StorageLayout, models: list[str] | tuple[str, ...]) -> SqlCatalog:
+    """The catalog file ``<root>/sql/majortom.duckdb``: views over every model of `models` that has
+    embeddings, written atomically and check-pointed (the file holds everything, no WAL), then
+    reopened to prove the views resolve and a similarity query runs.
+
+    FileNotFoundError when none of the models has embedding files (nothing to catalogue).
+    """
+    from majortom_assets.geoparquet import atomic_output
+
+    present = [m for m in models if layout.embedding_files(m)]
+    if not present:
+        raise FileNotFoundError(f"no embedding files under {layout.root / 'embeddings'} for "
+                                f"{', '.join(models)}; materialise an embeddings asset first")
+    path = layout.sql_database()
+    with atomic_output(path) as tmp:
+        con = connect(layout.root, database=str(tmp), models=present)
+        try:
+            con.execute("CHECKPOINT")
+        finally:
+            con.close()
+        Path(f"{tmp}.wal").unlink(missing_ok=True)
+    con = open_database(path, root=layout.root)
+    try:
+        views = con.sql(f"SELECT model, view, dim, partitions FROM {MODELS_VIEW} ORDER BY model").df()
+        views["rows"] = [con.sql(f'SELECT count(*) FROM "{v}"').fetchone()[0] for v in views["view"]]
+        view = views["view"].iloc[0]
+        uid = con.sql(f'SELECT unique_id FROM "{view}" ORDER BY unique_id LIMIT 1').fetchone()[0]
+        query = (f"SELECT unique_id, grid_cell, timestamp, round(similarity, 4) AS similarity\n"
+                 f"FROM {view}_similar('{uid}', 5)\nORDER BY similarity DESC, unique_id")
+        example = con.sql(query).df()
+    finally:
+        con.close()
+    return SqlCatalog(path, views, tuple(m for m in models if m not in present), query, example)
 
 
 def lock_down(con: duckdb.DuckDBPyConnection, root: str | os.PathLike) -> duckdb.DuckDBPyConnection:

@@ -41,6 +41,23 @@ def test_index_and_search(data, capsys):
     assert code == 0 and "2021-01-31" in out and "2021-01-01" not in out
 
 
+def test_evaluate_several_models_writes_one_comparison(tmp_path, capsys):
+    cells = testdata.cells_in_rows([5, 6], 12)
+    first = testdata.write_synthetic(tmp_path, "m1", cells=cells, dim=16, seed=4)
+    testdata.write_synthetic(tmp_path, "m2", cells=cells, dim=8, seed=5)
+    collection = tmp_path / "collections" / "Core-S2L2A"   # labels where a Core collection keeps them
+    collection.mkdir(parents=True)
+    first.labels.to_parquet(collection / "labels.parquet")
+    code, out, err = _run(capsys, "evaluate", "--root", tmp_path, "--labels", collection, "--folds", "3")
+    assert code == 0, err
+    report = json.loads((tmp_path / "reports" / "comparison" / "evaluation.json").read_text())
+    assert [m["model"] for m in report["models"]] == ["m1", "m2"] and "| m2 |" in out
+    assert (tmp_path / "reports" / "comparison" / "evaluation.md").is_file()
+    assert not (tmp_path / "reports" / "m1").exists()
+    code, _, err = _run(capsys, "evaluate", "--root", tmp_path, "--labels", tmp_path / "collections")
+    assert code == 2 and "collections has no labels.parquet" in err
+
+
 def test_bad_arguments_name_the_value(data, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["search", "--root", str(data.root), "--model", "m1", "--cell", "12Q_3R"])
@@ -71,7 +88,11 @@ def test_export_pca_timeseries_evaluate_sql(data, capsys, tmp_path):
     labels = tmp_path / "labels.csv"
     data.labels.to_csv(labels, index=False)
     code, out, _ = _run(capsys, "evaluate", "--root", root, "--labels", labels, "--folds", "3")
-    assert code == 0 and "| m1 |" in out and (root / "reports" / "evaluation" / "evaluation.json").is_file()
+    # one model: its own report folder, where the vectors/<model>/evaluation asset writes
+    report = root / "reports" / "m1" / "evaluation.json"
+    assert code == 0 and "| m1 |" in out and report.is_file()
+    assert [m["model"] for m in json.loads(report.read_text())["models"]] == ["m1"]
+    assert not (root / "reports" / "evaluation").exists()
     code, out, _ = _run(capsys, "sql", "--root", root)
     assert code == 0 and "m1" in out
     code, out, _ = _run(capsys, "sql", "--root", root, "SELECT count(*) AS n FROM m1", "--format", "csv")
