@@ -7,7 +7,8 @@ cell) is written to a temporary folder, the tiny random-weights model is loaded 
 loading code (`models.load_embedder(..., tiny=True)`), and two costs are timed per cell:
 
 - **model**: preprocess + forward of one cell's fragments (25 at 224 px, 9 at 384 px) on random
-  raw values, torch limited to one thread, CPU time of this thread (`time.thread_time`);
+  raw values (channels-last for CNNs, as the engine runs them), torch limited to one thread, CPU
+  time of this thread (`time.thread_time`);
 - **engine**: `engine.embed_samples` over the whole collection (read, decode, fragment, normalise,
   model, footprints) with CPU time of the whole process (`time.process_time`, every thread).
 
@@ -44,15 +45,21 @@ def model_cost(embedder, repeats: int) -> float:
     per_cell = fragment_layout(CORE_IMAGE_SIZE, CORE_IMAGE_SIZE, spec.fragment_size, spec.target_overlap).count
     dtype = torch.float32 if spec.source == "S1RTC" else torch.uint16
     raw = (torch.rand(per_cell, spec.in_channels, spec.fragment_size, spec.fragment_size) * 3000).to(dtype)
+    memory_format = torch.channels_last if embedder.prefers_channels_last else torch.contiguous_format
+    embedder.to(memory_format=memory_format)   # as the engine runs it on CPU
+
+    def step(fragments: torch.Tensor) -> torch.Tensor:
+        return embedder(embedder.preprocess(fragments).contiguous(memory_format=memory_format))
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with torch.inference_mode():
-            embedder(embedder.preprocess(raw[:2]))   # warm-up
+            step(raw[:2])   # warm-up
             times = []
             for _ in range(repeats):
                 t = time.thread_time()
-                out = embedder(embedder.preprocess(raw))
+                out = step(raw)
                 times.append(time.thread_time() - t)
     finally:
         torch.set_num_threads(threads)

@@ -77,7 +77,7 @@ def test_siglip_fragments_per_cell(s2l2a_collection):
     collection = CoreCollection(str(s2l2a_collection))
     (table,) = embed_samples(collection, collection.metadata().iloc[:1], embedder, EngineConfig(batch_size=4))
     assert table.num_rows == 9  # 1068 px at 384 px
-    assert geoparquet.embedding_matrix(table).shape == (9, 64)
+    assert geoparquet.embedding_matrix(table).shape == (9, embedder.embedding_dim) == (9, 32)
 
 
 class _FaultyCollection(CoreCollection):

@@ -32,8 +32,10 @@ DINOV2_BASE_CONFIG = {
     "use_swiglu_ffn": False,
 }
 
-# Same classes, 2 layers of width 64: embedding dim 64 (tests and demos only).
-DINOV2_TINY_CONFIG = {**DINOV2_BASE_CONFIG, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+# Same classes and patch size (so the same 257 tokens per 224 px fragment and the same position
+# embedding interpolation from 518 px), 2 layers of width 32: embedding dim 32 (tests and demos
+# only; ~0.02 s of CPU per cell, docs/benchmarks.md "Tiny models").
+DINOV2_TINY_CONFIG = {**DINOV2_BASE_CONFIG, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
 
 
 class MeanTokenEmbedding(nn.Module):

@@ -31,9 +31,10 @@ SIGLIP_SO400M_CONFIG = {
     "vision_use_head": True,
 }
 
-# Same classes, 2 layers of width 64: embedding dim 64 (tests and demos only).
+# Same classes and patch size (729 tokens per 384 px fragment, MAP head), 2 layers of width 32:
+# embedding dim 32 (tests and demos only; docs/benchmarks.md "Tiny models").
 SIGLIP_TINY_CONFIG = {
-    **SIGLIP_SO400M_CONFIG, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    **SIGLIP_SO400M_CONFIG, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
     "num_attention_heads": 2,
 }
 

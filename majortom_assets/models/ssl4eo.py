@@ -34,11 +34,18 @@ from majortom_assets.models.spec import ModelSpec
 # The classifier is dropped (num_classes=0), so its keys may be absent from or extra in a file.
 CLASSIFIER_KEYS = frozenset({"fc.weight", "fc.bias"})
 
-# Tiny stand-in for tests and demos: the same ResNet/Bottleneck classes, one block per stage and
-# 1/8 of the width, so its embedding has 64 * 4 = 256 dimensions instead of 2048.
+# Tiny stand-in for tests and demos: the same timm ResNet/Bottleneck classes, one block per stage
+# and 1/8 of the width, so its embedding has 64 * 4 = 256 dimensions instead of 2048. Its stem is
+# timm's deep stem (3 convs, 8-8-16 channels) whose first conv is an 8x8 stride-8 patchify: the
+# 224 px fragment is 28 px after one conv (every pixel still seen), so the network costs ~5 M
+# multiply-adds per fragment instead of the ~600 M of a 7x7 stride-2 stem, which at 13 bands and
+# 112 px (timm's default stem is 64 channels wide whatever `stem_width`) was 0.5 s of CPU per cell.
+# See docs/benchmarks.md ("Tiny models").
 TINY_LAYERS = (1, 1, 1, 1)
 TINY_CHANNELS = (8, 16, 32, 64)
 TINY_STEM_WIDTH = 8
+TINY_STEM_PATCH = 8
+TINY_ARCHITECTURE = "tiny resnet (bottleneck, 1 block/stage, widths 8-64, deep stem with 8x8/8 patchify)"
 
 
 def torchgeo_weights(spec: ModelSpec):
@@ -61,10 +68,13 @@ def torchgeo_weights(spec: ModelSpec):
 
 def _resnet(in_chans: int, tiny: bool) -> nn.Module:
     if tiny:
-        return ResNet(
-            block=Bottleneck, layers=TINY_LAYERS, channels=TINY_CHANNELS, stem_width=TINY_STEM_WIDTH,
-            in_chans=in_chans, num_classes=0,
+        module = ResNet(
+            block=Bottleneck, layers=TINY_LAYERS, channels=TINY_CHANNELS, stem_type="deep",
+            stem_width=TINY_STEM_WIDTH, in_chans=in_chans, num_classes=0,
         )
+        module.conv1[0] = nn.Conv2d(in_chans, TINY_STEM_WIDTH, kernel_size=TINY_STEM_PATCH, stride=TINY_STEM_PATCH,
+                                    bias=False)
+        return module
     return timm.create_model("resnet50", in_chans=in_chans, num_classes=0, pretrained=False)
 
 
@@ -93,7 +103,7 @@ def build(spec: ModelSpec, weights: str, *, tiny: bool = False, seed: int = 0) -
     refuse_tiny_pretrained(kind, tiny)
     with seeded(seed):
         module = _resnet(spec.in_channels, tiny)
-    arch = "tiny resnet (bottleneck, 1 block/stage, 1/8 width)" if tiny else "timm resnet50"
+    arch = TINY_ARCHITECTURE if tiny else "timm resnet50"
     if kind == "random":
         name = random_weights_name(tiny, seed)
         identity = identity_for(module, name=name, random=True, source=f"{arch}, seeded init")
