@@ -26,6 +26,7 @@ import pyarrow as pa
 import shapely
 
 from majortom_assets import geoparquet
+from majortom_assets.standard import EXPORT_PRECISIONS
 from majortom_assets.vectors import files, quantize, search, testdata
 
 ROWS_PER_PARTITION = 50_000
@@ -106,7 +107,7 @@ def main(argv=None) -> dict:
                     help="index kinds; ivfpq-<codes> adds a Refine(<codes>) re-ranking stage")
     ap.add_argument("--nlist", type=int, default=1024)
     ap.add_argument("--hnsw-n", type=int, default=0, help="also build HNSW on the first N vectors")
-    ap.add_argument("--precisions", nargs="*", default=["float32", "float16", "int8"])
+    ap.add_argument("--precisions", nargs="*", default=list(EXPORT_PRECISIONS))
     ap.add_argument("--summary", default="summary.json", help="file name of the JSON summary in OUT")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)

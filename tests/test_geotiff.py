@@ -20,8 +20,8 @@ from rasterio.io import MemoryFile
 
 from majortom_assets import core, geotiff, synthetic
 from majortom_assets.core import CoreCollection, SampleError, decode_bands
+from majortom_assets.standard import SOURCES
 
-SOURCES = ("S2L1C", "S2L2A", "S1RTC")
 SIZE = 60   # divisible by 6: 10, 20 and 60 m bands all present
 TRANSFORM = (10.0, 0.0, 399960.0, 0.0, -10.0, 5900040.0)
 TIFF_NAME = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\.tif")

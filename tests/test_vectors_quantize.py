@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from majortom_assets import geoparquet
+from majortom_assets.standard import EXPORT_PRECISIONS
 from majortom_assets.vectors import quantize, testdata
 
 
@@ -27,7 +28,7 @@ def source(data):
     return table, geoparquet.embedding_matrix(table)
 
 
-@pytest.mark.parametrize("precision", ["float32", "float16", "int8"])
+@pytest.mark.parametrize("precision", EXPORT_PRECISIONS)
 def test_round_trip(data, source, tmp_path, precision):
     table, x = source
     out = tmp_path / precision
