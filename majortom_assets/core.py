@@ -63,8 +63,15 @@ METADATA_COLUMNS: tuple[str, ...] = (
     "grid_cell", "grid_row_u", "grid_col_r", "product_id", "timestamp", "cloud_cover", "nodata",
     "centre_lat", "centre_lon", "crs", "parquet_url", "parquet_row",
 )
-# Columns every metadata table must have for samples to be readable at all.
-REQUIRED_METADATA_COLUMNS: tuple[str, ...] = ("grid_cell", "product_id", "parquet_url", "parquet_row")
+# Columns every metadata table must have: without them a sample cannot be found (parquet_*),
+# named (grid_cell, product_id), filed under its grid row (grid_row_u / grid_col_r, checked
+# against the name) or given the acquisition time its unique_id hashes (timestamp).
+REQUIRED_METADATA_COLUMNS: tuple[str, ...] = ("grid_cell", "grid_row_u", "grid_col_r", "product_id",
+                                              "timestamp", "parquet_url", "parquet_row")
+#: What makes two metadata rows the same sample; Core's public metadata repeats some of them.
+SAMPLE_KEY: tuple[str, ...] = ("grid_cell", "product_id", "timestamp")
+METADATA_STAGE = "metadata"
+DUPLICATE_STAGE = "duplicate"
 
 HF_PREFIX = "hf://"
 _IMAGES_FILE = re.compile(r"(?:^|/)images/([A-Za-z0-9_.\-]+\.parquet)$")
@@ -245,13 +252,152 @@ class MetadataFilter(BaseModel):
 
 
 def _to_utc_timestamps(values: pd.Series) -> pd.Series:
-    """Core spells times '20230415T181919'; accept that, ISO strings, or real timestamps."""
+    """Core spells times '20230415T181919'; accept that, ISO strings, or real timestamps.
+
+    Vectorised and never raising: a value that is neither (or missing) becomes NaT, for
+    `validate_metadata` to reject that row alone with its cell and product named.
+    """
     if pd.api.types.is_datetime64_any_dtype(values):
         return values.dt.tz_localize("UTC") if values.dt.tz is None else values.dt.tz_convert("UTC")
-    try:
-        return pd.to_datetime(values, format=_CORE_TIMESTAMP_FORMAT, utc=True)
-    except (ValueError, TypeError):
-        return pd.to_datetime(values, utc=True, format="ISO8601")
+    parsed = pd.to_datetime(values, format=_CORE_TIMESTAMP_FORMAT, utc=True, errors="coerce")
+    retry = parsed.isna() & values.notna()
+    if retry.any():   # ISO strings or datetime objects; only the rows Core's format did not take
+        parsed = parsed.copy()
+        parsed[retry] = pd.to_datetime(values[retry], utc=True, format="ISO8601", errors="coerce")
+    return parsed
+
+
+@dataclass
+class MetadataSelection:
+    """A validated metadata selection: the rows to process and the rows dropped, with reasons.
+
+    ``dropped`` has one row per dropped metadata row: ``row`` (grid row name, '?' when even that
+    is unknown), ``grid_cell``, ``product_id``, ``stage`` ('metadata': the row itself is bad;
+    'duplicate': an earlier row holds the same (grid_cell, product_id, timestamp)) and ``reason``.
+    """
+
+    frame: pd.DataFrame
+    dropped: pd.DataFrame
+
+    @property
+    def duplicates(self) -> int:
+        return int((self.dropped["stage"] == DUPLICATE_STAGE).sum())
+
+    @property
+    def rejected(self) -> int:
+        return int((self.dropped["stage"] == METADATA_STAGE).sum())
+
+    def failures(self, row: str | None = None) -> list[SampleFailure]:
+        """Dropped rows as SampleFailures (all, or of one grid row) for failure tables and summaries."""
+        d = self.dropped if row is None else self.dropped[self.dropped["row"] == row]
+        return [SampleFailure(str(p), str(c), str(r), str(s))
+                for c, p, s, r in zip(d["grid_cell"], d["product_id"], d["stage"], d["reason"], strict=True)]
+
+    def per_row(self) -> pd.DataFrame:
+        """Per grid row: samples kept, duplicates dropped, rows rejected (rows with any of them)."""
+        kept = (pd.Series(grid.row_name(self.frame["grid_row_u"].to_numpy().astype(np.int64)))
+                .value_counts() if len(self.frame) else pd.Series(dtype=int))
+        dup = self.dropped.loc[self.dropped["stage"] == DUPLICATE_STAGE, "row"].value_counts()
+        bad = self.dropped.loc[self.dropped["stage"] == METADATA_STAGE, "row"].value_counts()
+        table = pd.DataFrame({"samples": kept, "duplicates dropped": dup, "rows rejected": bad})
+        table = table.fillna(0).astype(int).rename_axis("row").reset_index()
+        return table.sort_values("row", kind="stable").reset_index(drop=True)
+
+    def summary(self) -> str:
+        """One line for a log or a CLI: what was dropped, per row ('' when nothing was)."""
+        if self.dropped.empty:
+            return ""
+        rows = self.per_row()
+        rows = rows[(rows["duplicates dropped"] > 0) | (rows["rows rejected"] > 0)]
+        detail = ", ".join(f"{row}: {dup} duplicate(s), {bad} rejected" for row, dup, bad in
+                           zip(rows["row"], rows["duplicates dropped"], rows["rows rejected"], strict=True))
+        return (f"metadata: dropped {self.duplicates} duplicate row(s) (first kept) and rejected "
+                f"{self.rejected} bad row(s) ({detail})")
+
+
+_DROPPED_COLUMNS = ["row", "grid_cell", "product_id", "stage", "reason"]
+
+
+def _text(value: Any) -> str:
+    return "" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
+
+
+def validate_metadata(frame: pd.DataFrame, source: str = "metadata") -> MetadataSelection:
+    """Check a metadata table up front, vectorised, so one bad row costs that row only.
+
+    Table-level: a missing required column raises ValueError naming it (nothing could be
+    processed). Row-level, each rejected with a reason naming the value: a ``grid_cell`` that is
+    not a cell of the 10 km grid; ``grid_row_u`` / ``grid_col_r`` that disagree with the name (the
+    sample would be filed under the wrong row); a missing or unparseable ``timestamp``; an empty
+    ``product_id``; a missing ``parquet_url`` or negative / missing ``parquet_row``. Then rows
+    repeating an earlier (grid_cell, product_id, timestamp) are dropped, the first kept.
+    ``timestamp`` comes back as UTC datetimes. Only the bad rows are visited one by one.
+    """
+    missing = [c for c in REQUIRED_METADATA_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{source} lacks required column(s) {missing} (has {sorted(map(str, frame.columns))})")
+    n = len(frame)
+    frame = frame.reset_index(drop=True)
+    cells = frame["grid_cell"].to_numpy(dtype=object)
+    ok_cell, rows, cols = grid.valid_cells(cells)
+    row_u = pd.to_numeric(frame["grid_row_u"], errors="coerce").to_numpy(np.float64)
+    col_r = pd.to_numeric(frame["grid_col_r"], errors="coerce").to_numpy(np.float64)
+    agree = (row_u == rows) & (col_r == cols)
+    stamps = _to_utc_timestamps(frame["timestamp"])
+    ok_time = stamps.notna().to_numpy()
+    products = frame["product_id"]
+    ok_product = (products.notna() & (products.astype(str).str.len() > 0)).to_numpy()
+    ok_url = frame["parquet_url"].notna().to_numpy()
+    prow = pd.to_numeric(frame["parquet_row"], errors="coerce").to_numpy(np.float64)
+    ok_prow = np.isfinite(prow) & (prow >= 0) & (prow == np.floor(prow))
+    good = ok_cell & agree & ok_time & ok_product & ok_url & ok_prow
+
+    # a row's grid row for the report: the name's when valid, else grid_row_u's when it is one
+    row_label = np.full(n, "?", dtype=object)
+    row_label[ok_cell] = grid.row_name(rows[ok_cell]) if ok_cell.any() else []
+    fallback = ~ok_cell & np.isfinite(row_u)
+    if fallback.any():
+        row_label[fallback] = [grid.row_name(int(v)) for v in row_u[fallback]]
+
+    dropped: list[tuple] = []
+    raw_times = frame["timestamp"].to_numpy(dtype=object)
+    for i in np.flatnonzero(~good):
+        cell, product = _text(cells[i]), _text(products.iat[i])
+        if not ok_cell[i]:
+            reason = f"grid_cell {cells[i]!r} is not a cell of the 10 km grid (expected a name like '136U_496R')"
+        elif not agree[i]:
+            reason = (f"grid_row_u/grid_col_r ({_text(frame['grid_row_u'].iat[i])}, "
+                      f"{_text(frame['grid_col_r'].iat[i])}) disagree with grid_cell {cell} "
+                      f"(row {rows[i]}, col {cols[i]})")
+        elif not ok_time[i]:
+            reason = (f"timestamp {raw_times[i]!r} is missing or not a time "
+                      f"(Core spells '20230415T181919'; ISO 8601 is accepted)")
+        elif not ok_product[i]:
+            reason = "product_id is missing"
+        elif not ok_url[i]:
+            reason = "parquet_url is missing"
+        else:
+            reason = f"parquet_row {_text(frame['parquet_row'].iat[i])!r} is not a row-group number"
+        dropped.append((row_label[i], cell, product, METADATA_STAGE, f"metadata row rejected: {reason}"))
+
+    frame = frame.assign(timestamp=stamps)
+    kept = frame.loc[good]
+    repeat = kept.duplicated(list(SAMPLE_KEY), keep="first").to_numpy()
+    if repeat.any():
+        rep = kept.loc[repeat]
+        labels = row_label[rep.index.to_numpy()]
+        for label, cell, product, when in zip(labels, rep["grid_cell"], rep["product_id"], rep["timestamp"],
+                                              strict=True):
+            reason = (f"duplicate metadata row: {cell} / {product} at {when.isoformat()} "
+                      f"is listed more than once; the first is kept")
+            dropped.append((label, str(cell), str(product), DUPLICATE_STAGE, reason))
+        kept = kept.loc[~repeat]
+    kept = kept.reset_index(drop=True)
+    if len(kept):   # the names are checked: the ints are now exact, whatever the table stored
+        kept = kept.assign(grid_row_u=kept["grid_row_u"].astype(np.int32),
+                           grid_col_r=kept["grid_col_r"].astype(np.int32),
+                           parquet_row=kept["parquet_row"].astype(np.int64))
+    return MetadataSelection(kept, pd.DataFrame(dropped, columns=_DROPPED_COLUMNS))
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,8 +514,13 @@ class CoreCollection:
         """Metadata rows passing ``flt`` (STANDARD.md §1 columns; ``timestamp`` as UTC datetimes).
 
         Row, cell, bbox, cloud and no-data criteria are pushed into the parquet scan, so a
-        170 MB Core metadata file is read only where its row-group statistics can match.
+        170 MB Core metadata file is read only where its row-group statistics can match. Bad and
+        duplicate rows are left out (`select` says which and why).
         """
+        return self.select(flt).frame
+
+    def select(self, flt: MetadataFilter | None = None) -> MetadataSelection:
+        """The validated selection (`validate_metadata`): rows to process plus the rows dropped."""
         flt = flt or MetadataFilter()
         try:
             if not self._is_local:
@@ -386,8 +537,9 @@ class CoreCollection:
             raise FileNotFoundError(f"{self.url}: cannot open metadata.parquet ({redact_text(exc)})") from None
         names = set(dataset.schema.names)
         missing = [c for c in REQUIRED_METADATA_COLUMNS if c not in names]
-        if missing:
-            raise ValueError(f"{self.url}: metadata.parquet lacks required column(s) {missing}")
+        if missing:   # before any row is read: nothing could be processed without them
+            raise ValueError(f"{self.url}: metadata.parquet lacks required column(s) {missing}; "
+                             f"Core metadata has {list(METADATA_COLUMNS)}")
 
         def need(column: str, criterion: str) -> pc.Expression:
             if column not in names:
@@ -419,19 +571,19 @@ class CoreCollection:
 
         table = call_with_retries(lambda: dataset.to_table(filter=expr), self.metadata_path,
                                   what="reading metadata.parquet")
-        frame = table.to_pandas()
-        if "timestamp" in frame.columns:
-            frame["timestamp"] = _to_utc_timestamps(frame["timestamp"])
-            keep = np.ones(len(frame), dtype=bool)
-            if flt.start is not None:
-                keep &= (frame["timestamp"] >= pd.Timestamp(flt.start)).to_numpy()
-            if flt.end is not None:
-                keep &= (frame["timestamp"] <= pd.Timestamp(flt.end)).to_numpy()
-            if not keep.all():
-                frame = frame.loc[keep]
+        selection = validate_metadata(table.to_pandas(), f"{self.url}: metadata.parquet")
+        frame = selection.frame
+        keep = np.ones(len(frame), dtype=bool)
+        if flt.start is not None:
+            keep &= (frame["timestamp"] >= pd.Timestamp(flt.start)).to_numpy()
+        if flt.end is not None:
+            keep &= (frame["timestamp"] <= pd.Timestamp(flt.end)).to_numpy()
+        if not keep.all():
+            frame = frame.loc[keep]
         if flt.limit is not None:
             frame = frame.iloc[: flt.limit]
-        return frame.reset_index(drop=True)
+        selection.frame = frame.reset_index(drop=True)
+        return selection
 
     # -- samples -------------------------------------------------------------------------------
     def _footer(self, path: str, handle) -> pq.FileMetaData:
@@ -613,6 +765,43 @@ def _check_shape(height: int, width: int, count: int, size: int, band: str) -> i
     return factor
 
 
+def check_band_values(native: np.ndarray, target: np.dtype, band: str) -> None:
+    """SampleError unless a band stored as another dtype than its own holds only values that
+    dtype keeps exactly (S2 bands are uint16 reflectances, S1 bands float32 backscatter).
+
+    Without it an int16 band with negative values or a float64 band above 65535 was wrapped
+    into uint16 and a float32 band's NaN became 0, each embedded as if it were data. Integer
+    bands of another width pass when every value fits; float bands bound for uint16 must hold
+    finite integers in range; float64 bound for float32 must stay finite (NaN is S1 no-data).
+    Only called when the dtypes differ, so Core's own bands never pay for it.
+    """
+    target = np.dtype(target)
+    kind = "S1 backscatter (float32)" if target.kind == "f" else "S2 reflectance (uint16)"
+    what = f"band {band} is stored as {native.dtype}, not {target} ({kind})"
+    if native.dtype.kind not in "uif":
+        raise SampleError(f"{what}: {native.dtype} values cannot be read as {target}", band=band)
+    if target.kind == "f":
+        if native.dtype.kind == "f":
+            finite = np.isfinite(native)
+            if (np.abs(native, where=finite, out=np.zeros(native.shape, native.dtype))
+                    > np.finfo(target).max).any():
+                raise SampleError(f"{what}: values beyond the {target} range", band=band)
+        return
+    info = np.iinfo(target)
+    if native.dtype.kind == "f":
+        bad = ~np.isfinite(native)
+        if bad.any():
+            raise SampleError(f"{what}: {int(bad.sum())} pixel(s) are NaN or infinite; S2 bands have "
+                              f"no NaN no-data (0 is no-data)", band=band)
+        if (native != np.floor(native)).any():
+            raise SampleError(f"{what}: non-integer values (e.g. {float(native[native != np.floor(native)][0])}); "
+                              f"S2 bands are integer digital numbers", band=band)
+    lo, hi = native.min(), native.max()
+    if lo < info.min or hi > info.max:
+        raise SampleError(f"{what}: values {lo}..{hi} lie outside {target}'s {info.min}..{info.max} "
+                          f"and would wrap", band=band)
+
+
 def _upsample_into(low: np.ndarray, out: np.ndarray, factor: int) -> None:
     # nearest neighbour: repeat columns once, then copy each widened row factor times
     # (4-8x faster than broadcasting into a (h, f, w, f) view or two np.repeat calls)
@@ -631,7 +820,14 @@ def _decode_into(data: Any, band: str, out: np.ndarray, size: int) -> _Decoded:
         with geotiff.open_band(data) as tiff:
             info = tiff.info
             factor = _check_shape(info.height, info.width, info.count, size, band)
-            if factor == 1:
+            if info.dtype != out.dtype:   # not the band's own type: only lossless values may pass
+                native = tiff.read()
+                check_band_values(native, out.dtype, band)
+                if factor == 1:
+                    out[...] = native
+                else:
+                    _upsample_into(native.astype(out.dtype), out, factor)
+            elif factor == 1:
                 tiff.read(out)
             else:
                 _upsample_into(tiff.read(), out, factor)
