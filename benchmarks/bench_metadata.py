@@ -59,12 +59,16 @@ def make_metadata(n: int, bad: float, dupes: float, seed: int = 0) -> pd.DataFra
 
 
 def best_of(repeat: int, fn):
-    best, out = float("inf"), None
+    """(best wall seconds, CPU seconds of that run, result): CPU time shows the work itself when
+    the machine is shared (wall clock then includes waiting for a core)."""
+    best, cpu, out = float("inf"), float("inf"), None
     for _ in range(repeat):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
+        wall = time.perf_counter() - start
+        if wall < best:
+            best, cpu = wall, time.process_time() - start_cpu
+    return best, cpu, out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -74,13 +78,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dupes", type=float, default=0.01, help="fraction of repeated samples (default 1%%)")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args(argv)
-    print("| rows | bad rows rejected | duplicates dropped | validate_metadata | per row |")
-    print("|---:|---:|---:|---:|---:|")
+    print("| rows | bad rows rejected | duplicates dropped | validate_metadata (wall) | CPU | CPU per row |")
+    print("|---:|---:|---:|---:|---:|---:|")
     for n in (args.rows // 10, args.rows):
         frame = make_metadata(n, args.bad, args.dupes)
-        seconds, selection = best_of(args.repeat, lambda frame=frame: validate_metadata(frame))
+        seconds, cpu, selection = best_of(args.repeat, lambda frame=frame: validate_metadata(frame))
         print(f"| {len(frame):,} | {selection.rejected:,} | {selection.duplicates:,} | {seconds:.2f} s | "
-              f"{seconds / len(frame) * 1e6:.2f} µs |")
+              f"{cpu:.2f} s | {cpu / len(frame) * 1e6:.2f} µs |")
         del frame, selection
 
 

@@ -398,12 +398,11 @@ def validate_metadata(frame: pd.DataFrame, source: str = "metadata") -> Metadata
     ok_prow = np.isfinite(prow) & (prow >= 0) & (prow == np.floor(prow))
     good = ok_cell & agree & ok_time & ok_product & ok_url & ok_prow
 
-    # a row's grid row for the report: the name's when valid, else grid_row_u's when it is one
-    row_label = np.full(n, "?", dtype=object)
-    row_label[ok_cell] = grid.row_name(rows[ok_cell]) if ok_cell.any() else []
-    fallback = ~ok_cell & np.isfinite(row_u)
-    if fallback.any():
-        row_label[fallback] = [grid.row_name(int(v)) for v in row_u[fallback]]
+    def row_label(i: int) -> str:
+        """A dropped row's grid row for the report: the name's, else grid_row_u's, else '?'."""
+        if ok_cell[i]:
+            return str(grid.row_name(int(rows[i])))
+        return str(grid.row_name(int(row_u[i]))) if np.isfinite(row_u[i]) else "?"
 
     dropped: list[tuple] = []
     raw_times = frame["timestamp"].to_numpy(dtype=object)
@@ -424,30 +423,28 @@ def validate_metadata(frame: pd.DataFrame, source: str = "metadata") -> Metadata
             reason = "parquet_url is missing"
         else:
             reason = f"parquet_row {_text(frame['parquet_row'].iat[i])!r} is not a row-group number"
-        dropped.append((row_label[i], cell, product, METADATA_STAGE, f"metadata row rejected: {reason}"))
+        dropped.append((row_label(i), cell, product, METADATA_STAGE, f"metadata row rejected: {reason}"))
 
-    frame = frame.assign(timestamp=stamps)
-    kept = frame.loc[good]
     # (grid_cell, product_id, timestamp) as three integers: hashing ints beats hashing strings
     product_codes, _ = pd.factorize(products[good])
     key = pd.DataFrame({"cell": rows[good] * (1 << 32) + cols[good],
                         "product": product_codes,
                         "time": stamps.array.asi8[good]})
-    repeat = key.duplicated(keep="first").to_numpy()
-    if repeat.any():
-        rep = kept.loc[repeat]
-        labels = row_label[rep.index.to_numpy()]
-        for label, cell, product, when in zip(labels, rep["grid_cell"], rep["product_id"], rep["timestamp"],
-                                              strict=True):
-            reason = (f"duplicate metadata row: {cell} / {product} at {when.isoformat()} "
-                      f"is listed more than once; the first is kept")
-            dropped.append((label, str(cell), str(product), DUPLICATE_STAGE, reason))
-        kept = kept.loc[~repeat]
+    repeat = np.zeros(n, dtype=bool)
+    repeat[np.flatnonzero(good)] = key.duplicated(keep="first").to_numpy()
+    for i in np.flatnonzero(repeat):
+        cell, product = str(cells[i]), str(products.iat[i])
+        reason = (f"duplicate metadata row: {cell} / {product} at {stamps.iat[i].isoformat()} "
+                  f"is listed more than once; the first is kept")
+        dropped.append((row_label(i), cell, product, DUPLICATE_STAGE, reason))
+    keep = good & ~repeat
+    # one take for the whole table; the names are checked, so the ints are now exact
+    kept = frame.loc[keep] if not keep.all() else frame.copy()
+    kept["timestamp"] = stamps[keep]   # same index labels: aligned, stays datetime64[ns, UTC]
+    kept["grid_row_u"] = rows[keep].astype(np.int32)
+    kept["grid_col_r"] = cols[keep].astype(np.int32)
+    kept["parquet_row"] = prow[keep].astype(np.int64)
     kept = kept.reset_index(drop=True)
-    if len(kept):   # the names are checked: the ints are now exact, whatever the table stored
-        kept = kept.assign(grid_row_u=kept["grid_row_u"].astype(np.int32),
-                           grid_col_r=kept["grid_col_r"].astype(np.int32),
-                           parquet_row=kept["parquet_row"].astype(np.int64))
     return MetadataSelection(kept, pd.DataFrame(dropped, columns=_DROPPED_COLUMNS))
 
 
