@@ -133,6 +133,7 @@ class EmbedStats:
     device: str = "cpu"
     batch_size: int = 0        # final batch size (smaller than configured after OOM halving)
     precision: str = "fp32"
+    kept_existing: bool = False  # every sample failed and an existing file was left as it was
 
     def add(self, item: pa.Table | SampleFailure) -> None:
         if isinstance(item, SampleFailure):
@@ -440,6 +441,10 @@ def file_info(embedder: Embedder, source_collection: str, **extra: Any) -> geopa
     )
 
 
+class _KeepExisting(Exception):
+    """Raised inside the write when every sample failed and a file already exists."""
+
+
 def embed_to_file(
     collection: CoreCollection,
     metadata: pd.DataFrame,
@@ -452,8 +457,11 @@ def embed_to_file(
 ) -> EmbedStats:
     """Embed `metadata`'s samples into one GeoParquet file, written atomically.
 
-    The file is written even when every sample failed (zero rows), so a partition always has a
-    result; the failures are in the returned stats. `on_result` sees every table / failure (progress).
+    When every sample fails, an existing file at `out_path` (a good earlier run) is left
+    untouched and ``stats.kept_existing`` is set: a rerun with an unreadable shard or a wrong image
+    size must never replace good rows with nothing. Without an existing file an empty one is
+    written, so a partition always has a result; the failures are in the returned stats.
+    `on_result` sees every table / failure (progress).
     """
     config = config or EngineConfig()
     started = time.perf_counter()
@@ -470,8 +478,13 @@ def embed_to_file(
                 on_result(item)
             if not isinstance(item, SampleFailure):
                 yield item
+        if stats.samples == 0 and stats.failures and Path(out_path).exists():
+            raise _KeepExisting   # aborts the atomic write: the temp file goes, the old file stays
 
-    geoparquet.write_embeddings(out_path, tables(), info)
+    try:
+        geoparquet.write_embeddings(out_path, tables(), info)
+    except _KeepExisting:
+        stats.kept_existing = True
     stats.batch_size = run.batch_size
     return stats.finish(started)
 

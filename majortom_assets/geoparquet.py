@@ -47,6 +47,7 @@ META_WEIGHTS = b"majortom:weights"
 META_RANDOM = b"majortom:random_weights"
 META_WARNING = b"majortom:warning"
 META_GEO = b"geo"
+META_CONTENT = b"majortom:content"   # row count + digest of the file's rows and provenance
 
 # Columns whose values repeat a lot (dictionary encoding pays) and columns whose min/max
 # statistics are useful for predicate push-down; the others would only bloat the footer.
@@ -310,8 +311,16 @@ def sample_table(
     if check_finite and not np.isfinite(emb).all():
         bad = int((~np.isfinite(emb)).any(axis=1).sum())
         raise ValueError(f"{where}: {bad} of {n} embeddings contain NaN or infinity")
+    try:
+        named = _parse_cell(grid_cell)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{where}: grid_cell is not a grid cell: {exc}") from None
     if grid_row_u is None or grid_col_r is None:
-        grid_row_u, grid_col_r = _parse_cell(grid_cell)
+        grid_row_u, grid_col_r = named
+    elif (int(grid_row_u), int(grid_col_r)) != named:
+        raise ValueError(f"{where}: grid_row_u/grid_col_r ({grid_row_u}, {grid_col_r}) disagree with "
+                         f"the cell's name (row {named[0]}, col {named[1]}); the sample would be filed "
+                         f"under the wrong row")
 
     emb = np.ascontiguousarray(emb, dtype="<f4")
     stamp = _utc_microseconds(timestamp, n)
@@ -709,12 +718,92 @@ def write_geo_table(path: str | os.PathLike, table: pa.Table, compression: str =
     return Path(path)
 
 
+#: Columns whose bytes the content digest covers besides unique_id (which already hashes
+#: geometry, timestamp, product_id and embedding): an edit of any of them changes the digest.
+_DIGEST_COLUMNS = ["unique_id", "grid_cell", "grid_row_u", "grid_col_r", "utm_crs", "utm_footprint",
+                   "pixel_bbox", "centre_lat", "centre_lon"]
+_PROVENANCE_FIELDS = ("model", "weights", "weights_sha256", "random_weights", "embedding_dim",
+                      "fragment_size", "target_overlap")
+
+
+class ContentDigest:
+    """sha256 over the rows' `_DIGEST_COLUMNS` in file order plus the file's provenance.
+
+    Chunk-invariant: every column feeds its own hashers (values; for strings, lengths and
+    bytes) in row order, so any split into batches gives the same digest; whole Arrow buffers
+    are hashed, never row by row. Dropped, duplicated or reordered rows, an edited cell, row,
+    box or centre, and a flipped ``random_weights`` flag all change it (docs/standard.md).
+    """
+
+    def __init__(self, info: EmbeddingFileInfo) -> None:
+        self.rows = 0
+        self._hashers = {name: (hashlib.sha256(), hashlib.sha256()) for name in _DIGEST_COLUMNS}
+        provenance = {k: getattr(info, k) for k in _PROVENANCE_FIELDS}
+        self._provenance = json.dumps(provenance, sort_keys=True).encode()
+
+    def add(self, table: pa.Table | pa.RecordBatch) -> None:
+        self.rows += table.num_rows
+        for name in _DIGEST_COLUMNS:
+            column = table.column(name)
+            chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+            values, lengths = self._hashers[name]
+            for chunk in chunks:
+                _feed(chunk, values, lengths)
+
+    def hexdigest(self) -> str:
+        h = hashlib.sha256(self._provenance)
+        h.update(_U64.pack(self.rows))
+        for name in _DIGEST_COLUMNS:
+            values, lengths = self._hashers[name]
+            h.update(values.digest())
+            h.update(lengths.digest())
+        return h.hexdigest()
+
+    def footer_json(self) -> bytes:
+        return json.dumps({"rows": self.rows, "digest": self.hexdigest(),
+                           "columns": _DIGEST_COLUMNS, "provenance": list(_PROVENANCE_FIELDS)}).encode()
+
+
+def _feed(chunk: pa.Array, values: Any, lengths: Any) -> None:
+    """An Arrow chunk's values (and string lengths) into the hashers, from its buffers."""
+    typ = chunk.type
+    if pa.types.is_dictionary(typ):
+        chunk, typ = chunk.dictionary_decode(), typ.value_type
+    if pa.types.is_fixed_size_list(typ):
+        chunk = chunk.flatten()
+        typ = chunk.type
+    if pa.types.is_string(typ) or pa.types.is_binary(typ):
+        offsets = np.frombuffer(chunk.buffers()[1], np.int32)[chunk.offset: chunk.offset + len(chunk) + 1]
+        if len(offsets):
+            lengths.update(np.diff(offsets).astype("<i8").tobytes())
+            data = chunk.buffers()[2]
+            if data is not None:
+                values.update(memoryview(data)[int(offsets[0]): int(offsets[-1])])
+        return
+    array = chunk.to_numpy(zero_copy_only=False)
+    values.update(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes())
+
+
+def _reserved_content_json() -> bytes:
+    """Space for the `majortom:content` value, whose row count is known only at the end."""
+    widest = json.dumps({"rows": 10 ** 19, "digest": "0" * 64, "columns": _DIGEST_COLUMNS,
+                         "provenance": list(_PROVENANCE_FIELDS)}).encode()
+    placeholder = b'{"rows": null}'
+    return placeholder + b" " * (len(widest) + 8 - len(placeholder))
+
+
 def _reserved_geo_json() -> bytes:
     """A valid `geo` value padded with spaces to the longest length the final value can take."""
     widest = geo_metadata(list(_GEOMETRY_TYPE_NAMES.values()), [-1.2345678901234567e-100] * 4)
     size = len(json.dumps(widest).encode()) + 16
     placeholder = json.dumps(geo_metadata([], None)).encode()
     return placeholder + b" " * (size - len(placeholder))
+
+
+def _patch_footer(path: Path, swaps: Sequence[tuple[bytes, bytes]]) -> None:
+    """`_patch_footer_geo` for several reserved values in turn (each must stay unique)."""
+    for reserved, final in swaps:
+        _patch_footer_geo(path, reserved, final)
 
 
 def _patch_footer_geo(path: Path, reserved: bytes, final: bytes) -> None:
@@ -727,7 +816,7 @@ def _patch_footer_geo(path: Path, reserved: bytes, final: bytes) -> None:
     """
     final = final + b" " * (len(reserved) - len(final))
     if len(final) != len(reserved):
-        raise RuntimeError("geo metadata outgrew its reserved space")
+        raise RuntimeError("footer metadata outgrew its reserved space")
     arrow_b64 = pq.read_metadata(path).metadata[b"ARROW:schema"]
     arrow_schema = base64.b64decode(arrow_b64)
     new_b64 = base64.b64encode(arrow_schema.replace(reserved, final))
@@ -766,8 +855,11 @@ def write_embeddings(
     path = Path(path)
     schema = embedding_schema(info.embedding_dim)
     reserved = _reserved_geo_json()
+    reserved_content = _reserved_content_json()
     stats = _GeoStats()
-    file_schema = schema.with_metadata({**info.schema_metadata(), META_GEO: reserved})
+    digest = ContentDigest(info)
+    file_schema = schema.with_metadata({**info.schema_metadata(), META_GEO: reserved,
+                                        META_CONTENT: reserved_content})
     with atomic_output(path) as tmp:
         writer = pq.ParquetWriter(
             tmp, file_schema, compression=compression, use_dictionary=_DICTIONARY_COLUMNS,
@@ -781,6 +873,7 @@ def write_embeddings(
                 if table.num_rows == 0:
                     continue
                 stats.add(table.column("geometry"))
+                digest.add(table)
                 pending.append(table.replace_schema_metadata(None))
                 pending_rows += table.num_rows
                 if pending_rows >= row_group_size:
@@ -794,7 +887,7 @@ def write_embeddings(
         finally:
             writer.close()
         final = json.dumps(geo_metadata(stats.geometry_types(), stats.bbox())).encode()
-        _patch_footer_geo(tmp, reserved, final)
+        _patch_footer(tmp, [(reserved, final), (reserved_content, digest.footer_json())])
     return path
 
 
@@ -861,11 +954,35 @@ class VerifyReport:
         return not self.mismatched_ids and not self.problems
 
 
+#: Tolerances of the consistency checks: centres are computed from the same corners in float64
+#: (sub-millimetre agreement), UTM footprints are stored to the millimetre.
+_CENTRE_TOLERANCE_DEG = 1e-6
+_FOOTPRINT_TOLERANCE_M = 0.01
+_PIXEL_M = 10.0
+
+
 def verify_file(path: str | os.PathLike, batch_size: int = 8192) -> VerifyReport:
-    """Recompute every unique_id, streaming batch by batch (memory bounded by `batch_size`)."""
+    """What a file-level verification guarantees (docs/standard.md, "Verification"), streaming
+    batch by batch (memory bounded by `batch_size`):
+
+    * provenance and schema: the `majortom` footer parses, the schema is Table 2 for its dim,
+      the `geo` metadata is GeoParquet 1.1, and the ``random_weights`` flag agrees across the
+      info JSON, the ``majortom:random_weights`` key, the warning and the weights name;
+    * every ``unique_id`` recomputes from geometry, timestamp, product_id and embedding;
+    * content: the ``majortom:content`` footer's row count and digest (`ContentDigest`) match
+      the rows, so a dropped, duplicated or edited row or a flipped flag is found;
+    * each row's ``grid_cell`` is a cell of the grid and ``grid_row_u``/``grid_col_r`` are its
+      row and column; ``pixel_bbox`` is a ``fragment_size`` square whose size matches its UTM
+      footprint at 10 m; ``centre_lat``/``centre_lon`` are the centre of that footprint.
+
+    Problems are reported with the rows they concern; the function never raises on content.
+    """
+    from majortom_assets import grid  # lazy: geoparquet stays importable without the grid tables
+
     report = VerifyReport(path=str(path), rows=0)
     with pq.ParquetFile(path) as pf:   # one handle: schema, footer metadata and batches
-        footer = pf.metadata.metadata
+        footer = pf.metadata.metadata or {}
+        info: EmbeddingFileInfo | None = None
         try:
             info = _info_from_metadata(footer, path)
             expected = embedding_schema(info.embedding_dim)
@@ -879,19 +996,123 @@ def verify_file(path: str | os.PathLike, batch_size: int = 8192) -> VerifyReport
                 report.problems.append("geo metadata is not GeoParquet 1.1 for column 'geometry'")
         except ValueError as exc:
             report.problems.append(str(exc))
-        missing = [c for c in _HASHED_COLUMNS if c not in pf.schema_arrow.names]
+        if info is not None:
+            report.problems.extend(_flag_problems(info, footer))
+        content = _content_from_metadata(footer, report)
+        missing = [c for c in dict.fromkeys(_HASHED_COLUMNS + _DIGEST_COLUMNS) if c not in pf.schema_arrow.names]
         if missing:
             report.problems.append(f"missing columns {missing}")
             return report
-        for batch in pf.iter_batches(batch_size=batch_size, columns=_HASHED_COLUMNS):
+        digest = ContentDigest(info) if info is not None else None
+        read = list(dict.fromkeys(_HASHED_COLUMNS + _DIGEST_COLUMNS))
+        for batch in pf.iter_batches(batch_size=batch_size, columns=read):
+            first = report.rows
             report.rows += batch.num_rows
+            where = f"rows {first}..{report.rows - 1}"
+            if digest is not None:
+                digest.add(batch)
             stored = np.asarray(batch.column("unique_id").to_pylist(), dtype=object)
             try:
                 fresh = unique_ids(batch.column("geometry"), batch.column("timestamp"),
                                    batch.column("product_id"), embedding_matrix(batch.column("embedding")))
             except (ValueError, TypeError) as exc:
-                report.problems.append(f"rows {report.rows - batch.num_rows}..{report.rows - 1}: {exc}")
+                report.problems.append(f"{where}: {exc}")
                 continue
             bad = stored != fresh
             report.mismatched_ids.extend(str(s) for s in stored[bad])
+            report.problems.extend(_row_problems(batch, info, first, grid))
+        if pf.metadata.num_rows != report.rows:
+            report.problems.append(f"the footer counts {pf.metadata.num_rows} rows, {report.rows} were read")
+        if content is not None and digest is not None:
+            if content.get("rows") != report.rows:
+                report.problems.append(f"row count {report.rows} differs from the {content.get('rows')} rows "
+                                       f"the writer recorded (rows dropped or added after writing)")
+            elif content.get("digest") != digest.hexdigest():
+                report.problems.append("content digest differs from the writer's: rows were edited, "
+                                       "reordered or duplicated, or the provenance (weights, random_weights) changed")
     return report
+
+
+def _content_from_metadata(footer: Mapping[bytes, bytes], report: VerifyReport) -> dict | None:
+    if META_CONTENT not in footer:
+        report.problems.append(f"no {META_CONTENT.decode()!r} footer: row count and content cannot be "
+                               f"verified (written by an older version; re-create the file)")
+        return None
+    try:
+        content = json.loads(footer[META_CONTENT])
+    except ValueError as exc:
+        report.problems.append(f"{META_CONTENT.decode()!r} footer is not valid JSON ({exc})")
+        return None
+    if not isinstance(content, dict):
+        report.problems.append(f"{META_CONTENT.decode()!r} footer is not a JSON object")
+        return None
+    return content
+
+
+def _flag_problems(info: EmbeddingFileInfo, footer: Mapping[bytes, bytes]) -> list[str]:
+    """The random-weights flag is stated four times; they must agree (a flipped copy is a forgery)."""
+    problems = []
+    stated = footer.get(META_RANDOM)
+    if stated not in (b"true", b"false"):
+        problems.append(f"{META_RANDOM.decode()!r} footer is {stated!r}, expected true or false")
+    elif (stated == b"true") != info.random_weights:
+        problems.append(f"random_weights is {info.random_weights} in the provenance but "
+                        f"{stated.decode()} in {META_RANDOM.decode()!r}")
+    if info.random_weights != (META_WARNING in footer):
+        problems.append(f"random_weights is {info.random_weights} but the random-weights warning is "
+                        f"{'missing' if info.random_weights else 'present'}")
+    if info.weights == "random" and not info.random_weights:
+        problems.append("weights are 'random' but random_weights is false")
+    return problems
+
+
+def _row_problems(batch: pa.RecordBatch, info: EmbeddingFileInfo | None, first: int, grid: Any) -> list[str]:
+    """Cell names, row/col ints, pixel boxes and centres of one batch against each other."""
+    problems: list[str] = []
+
+    def report(what: str, bad: np.ndarray, values: Any) -> None:
+        idx = np.flatnonzero(bad)
+        if len(idx):
+            shown = ", ".join(f"row {first + i}: {values[i]!r}" for i in idx[:3])
+            problems.append(f"{len(idx)} row(s) {what} ({shown}{', ...' if len(idx) > 3 else ''})")
+
+    cells = batch.column("grid_cell").to_numpy(zero_copy_only=False)
+    ok, rows, cols = grid.valid_cells(cells)
+    report("with a grid_cell that is not a grid cell", ~ok, cells)
+    row_u = batch.column("grid_row_u").to_numpy(zero_copy_only=False)
+    col_r = batch.column("grid_col_r").to_numpy(zero_copy_only=False)
+    report("whose grid_row_u/grid_col_r disagree with grid_cell", ok & ((row_u != rows) | (col_r != cols)),
+           [f"{c} vs ({r}, {k})" for c, r, k in zip(cells, row_u, col_r, strict=True)])
+    boxes = batch.column("pixel_bbox").flatten().to_numpy(zero_copy_only=False).astype(np.int64).reshape(-1, 4)
+    height, width = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    side = info.fragment_size if info is not None else height
+    report(f"with a pixel_bbox that is not a {side} px fragment",
+           (boxes[:, :2] < 0).any(axis=1) | (height != side) | (width != side), boxes.tolist())
+    utm = shapely.from_wkt(batch.column("utm_footprint").to_numpy(zero_copy_only=False), on_invalid="ignore")
+    readable = ~shapely.is_missing(utm)
+    report("with an unreadable utm_footprint", ~readable, batch.column("utm_footprint").to_pylist())
+    if not readable.any():
+        return problems
+    x0, y0, x1, y1 = shapely.bounds(utm).T
+    size_off = readable & ((np.abs((x1 - x0) - width * _PIXEL_M) > _FOOTPRINT_TOLERANCE_M)
+                           | (np.abs((y1 - y0) - height * _PIXEL_M) > _FOOTPRINT_TOLERANCE_M))
+    report("whose pixel_bbox size differs from their UTM footprint at 10 m", size_off, boxes.tolist())
+    lat = batch.column("centre_lat").to_numpy(zero_copy_only=False)
+    lon = batch.column("centre_lon").to_numpy(zero_copy_only=False)
+    crs = batch.column("utm_crs").to_numpy(zero_copy_only=False)
+    want_lat = np.full(len(lat), np.nan)
+    want_lon = np.full(len(lat), np.nan)
+    for code in np.unique(crs[readable]):
+        sel = readable & (crs == code)
+        try:
+            tlon, tlat = _to_wgs84(str(code)).transform((x0[sel] + x1[sel]) / 2.0, (y0[sel] + y1[sel]) / 2.0)
+        except ValueError as exc:
+            problems.append(f"utm_crs {code!r}: {exc}")
+            continue
+        want_lat[sel], want_lon[sel] = tlat, tlon
+    dlon = (lon - want_lon + 180.0) % 360.0 - 180.0
+    off = readable & np.isfinite(want_lat) & ~((np.abs(lat - want_lat) <= _CENTRE_TOLERANCE_DEG)
+                                                & (np.abs(dlon) <= _CENTRE_TOLERANCE_DEG))
+    report("whose centre_lat/centre_lon is not the centre of their footprint", off,
+           [f"({a:.6f}, {b:.6f})" for a, b in zip(lat, lon, strict=True)])
+    return problems

@@ -546,3 +546,42 @@ def parse_cell_names(names: Any) -> tuple[np.ndarray, np.ndarray]:
             raise ValueError(f"{bad.size} invalid cell name(s); first: {err}") from None
         raise ValueError(f"{bad.size} invalid cell name(s), e.g. {bad[:3].tolist()}")
     return rows, cols
+
+
+def valid_cells(names: Any, grid: Grid | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(valid mask, rows, cols) of a column of cell names, vectorised and never raising.
+
+    A name is valid when it parses (parse_cell_name's rules: ``'136U_496R'``, no ``'0D'`` or
+    leading zeros, ASCII only) and names a cell of ``grid`` (default: the 10 km grid): its row
+    exists and its column lies in that row's range. Nulls, non-strings, ``''`` and text are
+    invalid; their rows/cols are 0. Used to reject bad metadata rows and to verify files.
+    """
+    grid = grid or get_grid()
+    arr = np.asarray(names, dtype=object) if not isinstance(names, np.ndarray) else names
+    arr = np.atleast_1d(arr)
+    n = arr.size
+    rows = np.zeros(n, np.int64)
+    cols = np.zeros(n, np.int64)
+    if n == 0:
+        return np.zeros(0, bool), rows, cols
+    flat = arr.ravel()
+    # anything that is not a string becomes its str() ('None', 'nan', '5', "b'..'"), which is
+    # never a cell name: one C-level cast instead of an isinstance per row
+    text = np.ascontiguousarray(flat if flat.dtype.kind == "U" else flat.astype(str))
+    is_str = np.ones(n, bool)
+    if text.dtype.itemsize == 0:   # every name empty
+        return np.zeros(n, bool), rows, cols
+    row_text, sep, col_text = np.strings.partition(text, "_")
+    r, row_ok = _parse_signed_parts(row_text, "U", "D")
+    c, col_ok = _parse_signed_parts(col_text, "R", "L")
+    ascii_only = text.view(np.uint32).reshape(n, -1).max(axis=-1) < 128
+    ok = is_str & row_ok & col_ok & (sep == "_") & ascii_only & (np.strings.str_len(text) <= 16)
+    # inside the grid: the row exists and the column is within that row's range
+    r = np.where(ok, r, grid.min_row)
+    c = np.where(ok, c, 0)
+    in_rows = (r >= grid.min_row) & (r <= grid.max_row)
+    idx = np.clip(r - grid.min_row, 0, len(grid._ncols) - 1)
+    lo = grid._col_min[idx]
+    ok &= in_rows & (c >= lo) & (c < lo + grid._ncols[idx])
+    rows[ok], cols[ok] = r[ok], c[ok]
+    return ok, rows, cols

@@ -194,6 +194,7 @@ def _metadata(path: Path, rows: list[int]) -> None:
             "grid_row_u": rows,
             "grid_col_r": [5] * len(rows),
             "product_id": [f"p{i}" for i in range(len(rows))],
+            "timestamp": ["20230415T181919"] * len(rows),   # required: unique_ids hash it
             "parquet_url": ["images/part_00000.parquet"] * len(rows),
             "parquet_row": list(range(len(rows))),
         }

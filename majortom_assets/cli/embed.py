@@ -94,6 +94,7 @@ def run_embed(args: argparse.Namespace) -> int:
     from majortom_assets import grid
     from majortom_assets.core import CoreCollection, MetadataFilter
     from majortom_assets.engine import EmbedStats, embed_to_file
+    from majortom_assets.file_check import check_file, failed
     from majortom_assets.models import WeightsUnavailableError, load_embedder
 
     try:
@@ -105,9 +106,11 @@ def run_embed(args: argparse.Namespace) -> int:
         return fail(describe(exc))
     try:
         collection = CoreCollection(str(args.collection))
-        metadata = collection.metadata(flt)
+        selection = collection.select(flt)
     except (FileNotFoundError, ValueError, TimeoutError) as exc:
         return fail(redact_text(exc))
+    metadata = selection.frame
+    _print_dropped(selection)
     if metadata.empty:
         print("no samples match the selection; nothing to embed", file=sys.stderr)
         return 1
@@ -126,6 +129,8 @@ def run_embed(args: argparse.Namespace) -> int:
     total = EmbedStats(device=str(device))
     started = time.perf_counter()
     rows = sorted(metadata["grid_row_u"].unique())
+    kept: list[str] = []
+    bad_checks: list[str] = []
     with tqdm(total=len(metadata), unit="cell", disable=args.no_progress, file=sys.stderr) as bar:
         def on_result(item) -> None:
             bar.update(1)
@@ -143,8 +148,20 @@ def run_embed(args: argparse.Namespace) -> int:
             total.fragments += stats.fragments
             total.failures.extend(stats.failures)
             total.batch_size, total.precision = stats.batch_size, stats.precision
+            if stats.kept_existing:
+                kept.append(f"row {name}: every one of its {len(stats.failures)} sample(s) failed; the existing "
+                            f"{out} was left untouched")
+            else:
+                # the same per-file checks as the Dagster asset checks (file_check.check_file)
+                bad_checks.extend(f"row {name}: {r.line()}" for r in failed(check_file(out)))
     total.finish(started)
     _print_summary(total, len(rows), args.out / args.model)
+    for line in kept:
+        print(line)
+    for line in bad_checks:
+        print(f"file check failed: {line}", file=sys.stderr)
+    if bad_checks:
+        return 1
     return 0 if total.samples or not total.failures else 1
 
 
@@ -160,6 +177,18 @@ def _unwritable(out: Path, model: str) -> str | None:
     except OSError as exc:
         return f"--out {out} is not writable ({exc.strerror or exc}); choose a folder you can write to"
     return None
+
+
+def _print_dropped(selection) -> None:
+    """Metadata rows left out before any work (bad values, duplicates), per row, with reasons."""
+    if selection.dropped.empty:
+        return
+    print(selection.summary())
+    failures = selection.failures()
+    for failure in failures[:MAX_LISTED_FAILURES]:
+        print(f"  {failure.grid_cell or '(no cell)'} {failure.product_id or '(no product)'}: {failure.reason}")
+    if len(failures) > MAX_LISTED_FAILURES:
+        print(f"  ... and {len(failures) - MAX_LISTED_FAILURES} more")
 
 
 def _print_summary(stats, n_rows: int, out_dir: Path) -> None:

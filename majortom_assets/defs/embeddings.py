@@ -103,9 +103,11 @@ def build_embeddings_asset(model: str) -> dg.AssetsDefinition:
             failures = [*copy_failures(layout.shard_dir(spec.source, row_key)), *stats.failures]
             failures_path = write_failures(layout.failures_file(model, row_key), failures)
             if len(samples) and stats.samples == 0:
+                kept = (f"; the existing {out_path.name} of the last good run was left untouched"
+                        if stats.kept_existing else "")
                 failed_rows.append(
                     f"row {row_key}: every one of the {len(samples)} {spec.source} samples failed; "
-                    f"first: {stats.failures[0].reason if stats.failures else 'unknown'}"
+                    f"first: {stats.failures[0].reason if stats.failures else 'unknown'}{kept}"
                 )
                 continue
             context.add_asset_metadata(

@@ -96,12 +96,15 @@ def build_core_metadata_asset(source: str) -> dg.AssetsDefinition:
         url = collections.url(source)
         flt = config.to_filter()
         try:
-            frame = collections.open(source).metadata(flt)
+            selection = collections.open(source).select(flt)
         except (FileNotFoundError, ValueError, TimeoutError) as exc:
             raise dg.Failure(
                 f"Core-{source} at {url}: {redact_text(exc)}",
                 allow_retries=isinstance(exc, FileNotFoundError | TimeoutError),
             ) from None
+        frame = selection.frame
+        if not selection.dropped.empty:
+            context.log.warning(f"Core-{source}: {selection.summary()}")
         path = storage.layout.selection_file(source)
         with atomic_output(path) as tmp:
             frame.to_parquet(tmp, index=False)
@@ -116,6 +119,12 @@ def build_core_metadata_asset(source: str) -> dg.AssetsDefinition:
                 "samples": len(frame),
                 "rows": len(row_table),
                 "samples per row": dg.MetadataValue.md(presentation.markdown_table(row_table, limit=50)),
+                # bad and repeated metadata rows are left out once, here, with counts per row
+                "duplicates dropped": selection.duplicates,
+                "rows rejected": selection.rejected,
+                "dropped per row": dg.MetadataValue.md(presentation.markdown_table(
+                    selection.per_row().query("`duplicates dropped` > 0 or `rows rejected` > 0"), limit=50)),
+                "dropped rows": dg.MetadataValue.md(presentation.failures_markdown(selection.failures())),
                 "preview": dg.MetadataValue.md(presentation.markdown_table(frame, limit=5)),
                 **presentation.file_metadata(path),
             }

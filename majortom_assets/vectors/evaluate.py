@@ -68,7 +68,7 @@ def labelled_features(paths, cells: Sequence[str], fragments: str = "all",
     """(embeddings, grid_cell per row) of labelled cells only, streamed batch by batch."""
     wanted = pa.array(sorted(set(cells)))
     xs, cs = [], []
-    for path in files.as_paths(paths):
+    for path in files.global_paths(paths):
         mask = files.file_central_mask(path) if fragments == "central" else None
         for offset, x, meta in files.iter_embeddings(path, batch_rows, ["grid_cell"]):
             keep = pc.is_in(meta.column("grid_cell"), value_set=wanted).to_numpy(zero_copy_only=False)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from majortom_assets import geoparquet
 EMBEDDING_FILE = "embeddings.parquet"
 DEFAULT_BATCH_ROWS = 16_384
 _ROW_DIR = re.compile(r"^row=(.+)$")
+_log = logging.getLogger(__name__)
 
 
 class UnknownModelError(ValueError):
@@ -82,6 +85,46 @@ def as_paths(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Pat
     out = [Path(p) for p in paths]
     if not out:
         raise ValueError("no embedding files given")
+    return out
+
+
+class MixedWeightsError(ValueError):
+    """Row files of one product embedded with different weights; the message names the rows."""
+
+
+def weights_key(info: geoparquet.EmbeddingFileInfo) -> tuple[str, str, str | None, bool]:
+    """What must be equal for two files' vectors to share a space: model, weights and their hash."""
+    return info.model, info.weights, info.weights_sha256, info.random_weights
+
+
+def check_same_weights(paths: Sequence[Path]) -> None:
+    """MixedWeightsError unless every file was embedded by the same model with the same weights.
+
+    Vectors of different weights live in different spaces: an index, an export, a PCA or a
+    probe over both would silently compare the incomparable. Footers only (cheap). The message
+    groups the rows (or files) by weights so the odd ones can be re-embedded.
+    """
+    groups: dict[tuple, list[str]] = {}
+    for path in paths:
+        try:
+            info = geoparquet.read_info(path)
+        except ValueError as exc:
+            raise ValueError(f"{path}: cannot read its provenance ({exc})") from None
+        groups.setdefault(weights_key(info), []).append(partition_row(path) or str(path))
+    if len(groups) > 1:
+        parts = [f"{model} weights {name!r} (sha256 {sha[:12] if sha else 'none'}"
+                 f"{', random' if random else ''}): rows {', '.join(rows)}"
+                 for (model, name, sha, random), rows in sorted(groups.items(), key=lambda kv: -len(kv[1]))]
+        raise MixedWeightsError("the row files were embedded with different weights and cannot be mixed: "
+                                + "; ".join(parts) + ". Re-embed the odd rows with the same weights, or "
+                                "select rows of one weights with --rows")
+
+
+def global_paths(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+    """`as_paths` for a product over many rows (index, export, PCA, evaluation): the files must
+    share their weights (`check_same_weights`)."""
+    out = as_paths(paths)
+    check_same_weights(out)
     return out
 
 
@@ -220,14 +263,66 @@ def _old_copies(final: Path) -> list[Path]:
     return [p for p in final.parent.iterdir() if p.name.startswith(prefix) and p.is_dir()]
 
 
+def _temp_dir_prefix(final: Path) -> str:
+    """``.<name>.tmp-<writer tag>-<pid>-``: names the writer so a sweep can tell dead from live."""
+    return f".{final.name}.tmp-{geoparquet._own_tag()}-{os.getpid()}-"
+
+
+def sweep_stale_temp_dirs(path: str | os.PathLike,
+                          max_age_s: float = geoparquet.STALE_TEMP_AGE_S) -> list[Path]:
+    """Remove ``.<name>.tmp-*`` directories of `path` left by writers that died; returns them.
+
+    The directory twin of `geoparquet.sweep_stale_temps`: a killed ``majortom index`` or
+    ``export`` leaves its partial directory (a half-written index.faiss) behind. A directory is
+    stale when its writer ran in this pid space and its pid is gone, or (a writer elsewhere, or a
+    name from before writers were recorded) when it has not been modified for `max_age_s`; live
+    writers' directories are kept fresh by the same heartbeat as temp files. Errors only log.
+    """
+    final = Path(path)
+    pattern = re.compile(rf"^\.{re.escape(final.name)}\.tmp-(?:(?P<tag>[0-9a-f]{{12}})-(?P<pid>\d+)-)?"
+                         rf"[A-Za-z0-9_]+$")
+    tag, now = geoparquet._own_tag(), time.time()
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(final.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.match(entry.name)
+        if match is None or not entry.is_dir(follow_symlinks=False):
+            continue
+        pid = int(match["pid"]) if match["pid"] else 0
+        if match["tag"] == tag and pid > 0:
+            if geoparquet._pid_alive(pid):
+                continue
+            why = f"its writer, pid {pid} on this host, has exited"
+        else:
+            try:
+                age = now - entry.stat(follow_symlinks=False).st_mtime
+            except OSError:
+                continue
+            if age <= max_age_s:
+                continue
+            why = f"untouched for {age / 3600:.1f} h"
+        shutil.rmtree(entry.path, ignore_errors=True)
+        if os.path.exists(entry.path):
+            _log.warning("could not remove stale temp directory %s", entry.path)
+            continue
+        _log.warning("removed stale temp directory %s: %s", entry.path, why)
+        removed.append(Path(entry.path))
+    return removed
+
+
 def recover_directory(path: str | os.PathLike) -> None:
-    """Finish what a crash inside `atomic_directory`'s swap left behind.
+    """Finish what a crash inside `atomic_directory` left behind.
 
     If `path` is missing and a moved-aside old copy exists (the crash fell between the two
     renames), the newest such copy is renamed back into place; left-over old copies beside an
-    existing `path` (a crash after the swap, before clean-up) are removed.
+    existing `path` (a crash after the swap, before clean-up) are removed, and so are the temp
+    directories of writers that died (`sweep_stale_temp_dirs`).
     """
     final = Path(path)
+    sweep_stale_temp_dirs(final)
     olds = _old_copies(final)
     if not final.exists():
         saved = [d / final.name for d in olds if (d / final.name).is_dir()]
@@ -261,13 +356,16 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     recover_directory(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_dir_prefix(final), dir=final.parent))
+    geoparquet._HEARTBEAT.add(tmp)   # a slow live writer's directory never looks stale
     try:
         yield tmp
         _fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        geoparquet._HEARTBEAT.discard(tmp)
     old = None
     try:
         if final.exists():

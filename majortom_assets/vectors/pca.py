@@ -151,7 +151,7 @@ class StreamingPCA:
         self, paths, central_only: bool = True, progress: bool = False,
         batch_rows: int = files.DEFAULT_BATCH_ROWS,
     ) -> StreamingPCA:
-        paths = files.as_paths(paths)
+        paths = files.global_paths(paths)
         it = tqdm(paths, desc="PCA moments", unit="partition", disable=not progress)
         return self.fit_moments(merge_all(file_moments(p, central_only, batch_rows) for p in it))
 
@@ -238,7 +238,7 @@ def cell_scores(paths, pca: StreamingPCA, progress: bool = False) -> pd.DataFram
     the map shows one colour per place.
     """
     frames = []
-    for path in tqdm(files.as_paths(paths), desc="PCA scores", unit="partition", disable=not progress):
+    for path in tqdm(files.global_paths(paths), desc="PCA scores", unit="partition", disable=not progress):
         frames.append(project_file(path, pca, central_only=True).to_pandas())
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if df.empty:

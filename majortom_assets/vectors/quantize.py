@@ -99,7 +99,7 @@ def export(
 ) -> dict:
     """Stream the partitions into one flat matrix of the given precision; returns the manifest."""
     _check_precision(precision)
-    paths = files.as_paths(paths)
+    paths = files.global_paths(paths)
     dim = files.common_dim(paths)
     n = files.row_count(paths)
     scale = offset = None

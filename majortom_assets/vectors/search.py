@@ -188,7 +188,7 @@ def build_index(
     can be re-read exactly). Returns the manifest (kind, parameters, counts, timings).
     """
     config = (config or IndexConfig()).model_copy(update={"kind": kind} if kind else {})
-    paths = files.as_paths(paths)
+    paths = files.global_paths(paths)
     n, dim = files.row_count(paths), files.common_dim(paths)
     if n == 0:
         raise ValueError("the embedding files hold no rows to index")
