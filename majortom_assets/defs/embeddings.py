@@ -20,7 +20,6 @@ from majortom_assets.defs.resources import (
 )
 from majortom_assets.defs.shards import local_shard
 from majortom_assets.deployment import GPU_POOL, gpu_step_tags
-from majortom_assets.engine import embed_to_file, write_failures
 from majortom_assets.mirror import copy_failures
 from majortom_assets.models.spec import MODEL_SPECS
 
@@ -84,6 +83,10 @@ def build_embeddings_asset(model: str) -> dg.AssetsDefinition:
         metadata={"model": model, "source": spec.source, "fragment size": spec.fragment_size},
     )
     def _embeddings(context: dg.AssetExecutionContext):
+        # imported here, not at module level: the engine imports torch, which the code location
+        # need not pay for when it loads (webserver, daemon, sensors)
+        from majortom_assets.engine import embed_to_file, write_failures
+
         storage: StorageResource = context.resources.storage
         collections: CollectionsResource = context.resources.collections
         resource: EmbedderResource = getattr(context.resources, resource_key)

@@ -14,8 +14,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from majortom_assets.models.normalise import NORMALISERS
-
 Source = Literal["S2L1C", "S2L2A", "S1RTC"]
 
 # Band names exactly as the Core collections spell their columns (STANDARD.md §1).
@@ -24,6 +22,11 @@ S2L1C_MODEL_BANDS: tuple[str, ...] = (
 )
 S1RTC_MODEL_BANDS: tuple[str, ...] = ("vv", "vh")
 RGB_MODEL_BANDS: tuple[str, ...] = ("B04", "B03", "B02")
+
+#: Names of the input normalisations (`normalise.NORMALISERS` implements each; it checks that the
+#: two agree). Listed here so the registry loads without torch: the Dagster code location reads
+#: the specs at load time and would otherwise pay for importing torch.
+NORMALISATIONS: tuple[str, ...] = ("s2-reflectance", "s1-db-minmax", "rgb-siglip", "rgb-imagenet")
 
 
 class ModelSpec(BaseModel):
@@ -45,8 +48,8 @@ class ModelSpec(BaseModel):
     @field_validator("normalisation")
     @classmethod
     def _known_normalisation(cls, value: str) -> str:
-        if value not in NORMALISERS:
-            raise ValueError(f"unknown normalisation {value!r}; known: {sorted(NORMALISERS)}")
+        if value not in NORMALISATIONS:
+            raise ValueError(f"unknown normalisation {value!r}; known: {sorted(NORMALISATIONS)}")
         return value
 
     @model_validator(mode="after")
