@@ -4,7 +4,7 @@
 
 On a fresh machine it writes synthetic Core-S2L1C, Core-S2L2A and Core-S1RTC collections (a few
 grid rows, including cells next to +-180 degrees) under `$MAJORTOM_HOME` (default ./data),
-registers their grid rows as partitions, and materialises core shards -> fragment grids ->
+and materialises core shards -> fragment grids ->
 embeddings of the four models -> PCA maps -> vector assets (indexes, exports, evaluations, change
 scores between the two dates of each S2L2A cell, a DuckDB SQL catalog), with every asset check,
 into the Dagster instance at `$DAGSTER_HOME` (default ./.dagster_home). `make ui` then shows the
@@ -93,12 +93,13 @@ def create_collections(
 
 
 def materialize_all(instance, definitions=None, raise_on_error: bool = True) -> list:
-    """Register the collections' rows, then run: row-partitioned assets (one run over every row,
-    so each model loads once), then the global maps and vector assets. Returns the run results."""
+    """Run: the metadata selections, then the row-partitioned assets (one run per band of rows
+    that hold samples, see `partitions.row_bands`; every grid row is a partition already, nothing
+    is registered), then the global maps and vector assets. Returns the run results."""
     import dagster as dg
 
     from majortom_assets.defs import keys
-    from majortom_assets.defs.partitions import GRID_ROWS, merge_counts, register_rows, row_sample_counts
+    from majortom_assets.defs.partitions import row_bands, row_sample_counts
     from majortom_assets.defs.resources import build_resources, load_settings
 
     if definitions is None:
@@ -108,11 +109,13 @@ def materialize_all(instance, definitions=None, raise_on_error: bool = True) -> 
     settings = load_settings()
     resources = build_resources(settings)
     collections = resources["collections"]
-    counts = {
-        s: row_sample_counts(collections.open(s).metadata()) for s in keys.sources_for_models(settings.models)
-    }
-    register_rows(instance, merge_counts(counts))
-    rows = instance.get_dynamic_partitions(GRID_ROWS.name)
+    bands = row_bands(
+        {
+            row
+            for s in keys.sources_for_models(settings.models)
+            for row in row_sample_counts(collections.open(s).metadata())
+        }
+    )
     everything = [*definitions.assets, *(definitions.asset_checks or [])]
 
     graph = definitions.resolve_asset_graph()
@@ -124,9 +127,12 @@ def materialize_all(instance, definitions=None, raise_on_error: bool = True) -> 
     results = []
     for selection, tags in (
         (metadata_keys, {}),
-        (
-            partitioned,
-            {"dagster/asset_partition_range_start": rows[0], "dagster/asset_partition_range_end": rows[-1]},
+        *(
+            (
+                partitioned,
+                {"dagster/asset_partition_range_start": first, "dagster/asset_partition_range_end": last},
+            )
+            for first, last in bands
         ),
         (global_keys, {}),
     ):

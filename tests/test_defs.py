@@ -11,7 +11,7 @@ import pytest
 
 from majortom_assets import grid
 from majortom_assets.defs import keys
-from majortom_assets.defs.partitions import GRID_ROWS, new_row_keys, register_rows, row_sample_counts
+from majortom_assets.defs.partitions import GRID_ROWS, ROW_NAMES, row_bands, row_sample_counts
 from majortom_assets.defs.resources import MajorTomSettings, build_resources
 from majortom_assets.defs.schedules import missing_row_requests
 from majortom_assets.defs.sensors import evaluate_new_samples
@@ -69,7 +69,8 @@ def test_row_assets_share_the_grid_row_partitions_and_embeddings_use_the_gpu_poo
         node = graph.get(keys.embeddings_key(model))
         assert node.partitions_def == GRID_ROWS
         assert node.pools == {"gpu"}
-        assert node.backfill_policy is not None and node.backfill_policy.max_partitions_per_run > 1
+        # one run per backfill / --partition-range, so a run loads each model once
+        assert node.backfill_policy == dg.BackfillPolicy.single_run()
         assert keys.core_shards_key(spec.source) in node.parent_keys
         assert keys.fragments_key(spec.fragment_size) in node.parent_keys
         pca = graph.get(keys.pca_map_key(model))
@@ -177,12 +178,36 @@ def test_compute_settings_and_resource_are_the_engine_config(tmp_path):
         ComputeResource(device="tpu").engine_config()
 
 
-def test_row_sample_counts_and_new_rows_are_validated_and_sorted():
+def test_every_row_of_the_10km_grid_is_a_partition_in_latitude_order():
+    rows = grid.get_grid(10.0).rows()
+    assert len(ROW_NAMES) == len(rows) == 1893
+    assert GRID_ROWS.get_partition_keys() == list(ROW_NAMES)
+    assert (ROW_NAMES[0], ROW_NAMES[946], ROW_NAMES[-1]) == ("946D", "0U", "946U")
+    assert [grid.parse_row_name(r) for r in ROW_NAMES] == rows.tolist()  # south to north
+    assert all(validate_row_key(r) == r for r in ROW_NAMES)  # canonical, path-safe names
+    assert GRID_ROWS.has_partition_key("136U") and not GRID_ROWS.has_partition_key("947U")
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [("5u", "e.g. 136U, 12D"), ("05U", "e.g. 136U, 12D"), ("947U", "946D .. 946U"), ("", "e.g. 136U")],
+)
+def test_a_key_that_is_not_a_grid_row_names_the_row_format(bad, message):
+    with pytest.raises(StoragePathError, match=message):
+        GRID_ROWS.validate_partition_key(bad)
+
+
+def test_row_sample_counts_and_bands_of_rows():
     meta = pd.DataFrame({"grid_row_u": [136, -12, 136, 0]})
     assert row_sample_counts(meta) == {"12D": 1, "0U": 1, "136U": 2}
-    assert new_row_keys(["0U"], ["136U", "12D", "0U", "136U"]) == ["12D", "136U"]
+    assert row_bands(["136U", "12D", "0U", "3U", "12U"], max_gap=8) == [
+        ("12D", "12D"),
+        ("0U", "12U"),
+        ("136U", "136U"),
+    ]
+    assert row_bands([]) == []
     with pytest.raises(StoragePathError):
-        new_row_keys([], ["136U/.."])
+        row_bands(["136U/.."])
 
 
 def _metadata(path: Path, rows: list[int]) -> None:
@@ -201,54 +226,83 @@ def _metadata(path: Path, rows: list[int]) -> None:
     ).to_parquet(path / "metadata.parquet")
 
 
-def test_sensor_adds_new_rows_as_partitions_and_requests_only_changed_rows(tmp_path):
+def _materialise_selection(instance, source: str, selection: dict) -> None:
+    """What a metadata run records: the filter it applied."""
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization(
+            asset_key=keys.core_metadata_key(source), metadata={"filter": dg.MetadataValue.json(selection)}
+        )
+    )
+
+
+def test_sensor_refreshes_the_selection_once_then_requests_only_changed_rows(tmp_path):
     settings = MajorTomSettings(home=tmp_path, models=("dinov2-rgb",))
     collections = build_resources(settings)["collections"]
     meta_dir = tmp_path / "collections" / "Core-S2L2A"
     _metadata(meta_dir, [136, 136, -12])
+    metadata_key = keys.core_metadata_key("S2L2A")
     with dg.instance_for_test() as instance:
         first = evaluate_new_samples(instance, collections, None, settings.models)
-        assert first.dynamic_partitions_requests[0].partition_keys == ["12D", "136U"]
-        assert sorted(r.partition_key for r in first.run_requests) == ["12D", "136U"]
-        request = first.run_requests[0]
-        assert keys.core_metadata_key("S2L2A") in request.asset_selection
-        assert keys.embeddings_key("dinov2-rgb") in request.asset_selection
-        assert keys.embeddings_key("ssl4eo-s2") not in request.asset_selection
-        instance.add_dynamic_partitions(GRID_ROWS.name, first.dynamic_partitions_requests[0].partition_keys)
+        # one refresh of the metadata selection, and no row before it has materialised
+        assert [r.asset_selection for r in first.run_requests] == [[metadata_key]]
+        assert first.run_requests[0].run_config == {"ops": {"core__s2l2a__metadata": {"config": {}}}}
+        waiting = evaluate_new_samples(instance, collections, first.cursor, settings.models)
+        assert waiting.run_requests == []
 
-        unchanged = evaluate_new_samples(instance, collections, first.cursor, settings.models)
-        assert unchanged.run_requests == [] and unchanged.dynamic_partitions_requests == []
+        _materialise_selection(instance, "S2L2A", {})
+        rows = evaluate_new_samples(instance, collections, waiting.cursor, settings.models)
+        assert [r.partition_key for r in rows.run_requests] == ["12D", "136U"]
+        for request in rows.run_requests:  # the rows only: the selection is not rebuilt per row
+            assert metadata_key not in request.asset_selection
+            assert keys.embeddings_key("dinov2-rgb") in request.asset_selection
+            assert keys.embeddings_key("ssl4eo-s2") not in request.asset_selection
 
-        _metadata(meta_dir, [136, 136, -12, -12, 7])  # 12D gains a sample, 7U is new
-        later = evaluate_new_samples(instance, collections, first.cursor, settings.models)
-        assert later.dynamic_partitions_requests[0].partition_keys == ["7U"]
-        assert sorted(r.partition_key for r in later.run_requests) == ["12D", "7U"]
-        assert json.loads(later.cursor)["S2L2A"]["rows"] == {"12D": 2, "136U": 2, "7U": 1}
+        unchanged = evaluate_new_samples(instance, collections, rows.cursor, settings.models)
+        assert unchanged.run_requests == []
 
-        # the decorated sensor gets the collections resource injected; absent collections are skipped
+        # a user narrows the selection to rows 7U and 12D; then 12D gains a sample, 7U is new and
+        # 136U (outside the filter) gains one too
+        user_filter = {"rows": ["7U", "12D"]}
+        _materialise_selection(instance, "S2L2A", user_filter)
+        _metadata(meta_dir, [136, 136, 136, -12, -12, 7])
+        later = evaluate_new_samples(instance, collections, unchanged.cursor, settings.models)
+        assert len(later.run_requests) == 1  # once per changed stamp, with the user's filter
+        assert later.run_requests[0].run_config["ops"]["core__s2l2a__metadata"]["config"] == user_filter
+        _materialise_selection(instance, "S2L2A", user_filter)
+        after = evaluate_new_samples(instance, collections, later.cursor, settings.models)
+        # 136U is outside the selection now: its files are rebuilt empty; 12D and 7U changed
+        assert [r.partition_key for r in after.run_requests] == ["12D", "7U", "136U"]
+        assert json.loads(after.cursor)["S2L2A"]["rows"] == {"12D": 2, "7U": 1}
+
+        # the decorated sensor gets the collections resource injected
         from majortom_assets.defs.sensors import new_core_samples
 
         with dg.build_sensor_context(
-            instance=instance, cursor=later.cursor, resources={"collections": collections}
+            instance=instance, cursor=after.cursor, resources={"collections": collections}
         ) as ctx:
             assert new_core_samples(ctx).run_requests == []
 
 
-def test_schedule_requests_one_run_per_row_with_only_the_missing_assets(tmp_path):
+def test_schedule_requests_rows_with_selected_samples_that_miss_an_asset(tmp_path):
     models = ("dinov2-rgb",)
+    settings = MajorTomSettings(home=tmp_path, models=models)
+    storage = build_resources(settings)["storage"]
     with dg.instance_for_test() as instance:
-        register_rows(instance, ["12D", "136U"])
+        # no selection yet: one metadata run, no rows
+        requests = missing_row_requests(instance, storage, models)
+        assert [r.asset_selection for r in requests] == [[keys.core_metadata_key("S2L2A")]]
+
+        selection = storage.layout.selection_file("S2L2A")
+        selection.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"grid_row_u": [-12, 136, 136]}).to_parquet(selection)
         chain = keys.row_chain_keys("S2L2A", models)
         for key in chain:
             instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=key, partition="12D"))
         instance.report_runless_asset_event(
-            dg.AssetMaterialization(asset_key=keys.core_metadata_key("S2L2A"))
-        )
-        instance.report_runless_asset_event(
             dg.AssetMaterialization(asset_key=keys.core_shards_key("S2L2A"), partition="136U")
         )
-        requests = missing_row_requests(instance, models)
-        assert [r.partition_key for r in requests] == ["136U"]
+        requests = missing_row_requests(instance, storage, models)
+        assert [r.partition_key for r in requests] == ["136U"]  # not the 1,891 rows without samples
         assert set(requests[0].asset_selection) == set(chain) - {keys.core_shards_key("S2L2A")}
         assert requests[0].tags.get("majortom/compute") == "gpu"
 

@@ -18,7 +18,6 @@ from dagster_helpers import local_resources, materialize, pipeline_assets
 
 from majortom_assets import geoparquet, synthetic
 from majortom_assets.defs import keys, vectors
-from majortom_assets.defs.partitions import register_rows
 from majortom_assets.vectors import sql
 
 MODEL = "dinov2-rgb"
@@ -40,7 +39,6 @@ def run(tmp_path_factory):
     ]
     resources = local_resources(home, MODEL, SIZE)
     with dg.instance_for_test() as instance:
-        register_rows(instance, [ROW])
         assert materialize(assets, resources, instance, [keys.core_metadata_key("S2L2A")]).success
         assert materialize(assets, resources, instance, [a.key for a in assets[1:4]], ROW).success
         result = materialize(assets, resources, instance, [keys.change_key(MODEL), keys.SQL_CATALOG_KEY])

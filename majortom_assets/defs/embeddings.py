@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 
 from majortom_assets import geoparquet
 from majortom_assets.defs import keys, presentation
-from majortom_assets.defs.partitions import GRID_ROWS, ROW_BACKFILL
+from majortom_assets.defs.partitions import GRID_ROWS, ROW_BACKFILL, RowResults
 from majortom_assets.defs.resources import (
     CollectionsResource,
     EmbedderResource,
@@ -20,7 +20,6 @@ from majortom_assets.defs.resources import (
 )
 from majortom_assets.defs.shards import local_shard
 from majortom_assets.deployment import GPU_POOL, gpu_step_tags
-from majortom_assets.engine import embed_to_file, write_failures
 from majortom_assets.mirror import copy_failures
 from majortom_assets.models.spec import MODEL_SPECS
 
@@ -83,7 +82,11 @@ def build_embeddings_asset(model: str) -> dg.AssetsDefinition:
         op_tags=gpu_step_tags(),
         metadata={"model": model, "source": spec.source, "fragment size": spec.fragment_size},
     )
-    def _embeddings(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    def _embeddings(context: dg.AssetExecutionContext):
+        # imported here, not at module level: the engine imports torch, which the code location
+        # need not pay for when it loads (webserver, daemon, sensors)
+        from majortom_assets.engine import embed_to_file, write_failures
+
         storage: StorageResource = context.resources.storage
         collections: CollectionsResource = context.resources.collections
         resource: EmbedderResource = getattr(context.resources, resource_key)
@@ -93,24 +96,30 @@ def build_embeddings_asset(model: str) -> dg.AssetsDefinition:
         identity = weights_metadata(embedder, resource)
         source_url = collections.url(spec.source)
         # A run may hold many rows (backfill policy): a row whose samples all fail must not stop
-        # the rows after it, so the step fails only at the end, naming every such row.
-        failed_rows: list[str] = []
+        # the rows after it nor lose the rows before it (see RowResults).
+        results = RowResults(context, keys.embeddings_key(model))
         for row_key in context.partition_keys:
-            collection, samples = local_shard(storage, spec.source, row_key)
+            try:
+                collection, samples = local_shard(storage, spec.source, row_key)
+            except dg.Failure as missing:
+                results.fail(row_key, missing.description)
+                continue
             out_path = layout.embeddings_file(model, row_key)
             stats = embed_to_file(collection, samples, embedder, config, out_path, source_url)
             # one table per partition lists every skipped sample, whichever stage skipped it
             failures = [*copy_failures(layout.shard_dir(spec.source, row_key)), *stats.failures]
             failures_path = write_failures(layout.failures_file(model, row_key), failures)
             if len(samples) and stats.samples == 0:
-                kept = (f"; the existing {out_path.name} of the last good run was left untouched"
-                        if stats.kept_existing else "")
-                failed_rows.append(
-                    f"row {row_key}: every one of the {len(samples)} {spec.source} samples failed; "
-                    f"first: {stats.failures[0].reason if stats.failures else 'unknown'}{kept}"
+                results.fail(
+                    row_key,
+                    f"every one of the {len(samples)} {spec.source} samples failed; "
+                    f"first: {stats.failures[0].reason if stats.failures else 'unknown'}"
+                    + (f"; the existing {out_path.name} of the last good run was left untouched"
+                       if stats.kept_existing else ""),
                 )
                 continue
-            context.add_asset_metadata(
+            results.record(
+                row_key,
                 {
                     "row": row_key,
                     **identity,
@@ -126,15 +135,13 @@ def build_embeddings_asset(model: str) -> dg.AssetsDefinition:
                     "preview": dg.MetadataValue.md(preview(out_path)),
                     **presentation.file_metadata(out_path),
                 },
-                partition_key=row_key,
             )
-            context.log.info(
-                f"{model} row {row_key}: {stats.samples} samples, {stats.fragments} fragments, "
-                f"{len(failures)} skipped, {stats.cells_per_s:.2f} cells/s on {stats.device}"
-            )
-        if failed_rows:
-            raise dg.Failure("; ".join(failed_rows))
-        return dg.MaterializeResult()
+            if len(samples):
+                context.log.info(
+                    f"{model} row {row_key}: {stats.samples} samples, {stats.fragments} fragments, "
+                    f"{len(failures)} skipped, {stats.cells_per_s:.2f} cells/s on {stats.device}"
+                )
+        yield from results.finish()
 
     return _embeddings
 

@@ -10,7 +10,7 @@ import pyarrow as pa
 
 from majortom_assets.core import SampleFailure
 from majortom_assets.defs import keys, presentation
-from majortom_assets.defs.partitions import GRID_ROWS, ROW_BACKFILL
+from majortom_assets.defs.partitions import GRID_ROWS, ROW_BACKFILL, RowResults
 from majortom_assets.defs.resources import StorageResource, load_settings
 from majortom_assets.defs.shards import local_shard
 from majortom_assets.deployment import io_step_tags
@@ -43,22 +43,28 @@ def build_fragments_asset(size: int, sources: tuple[str, ...]) -> dg.AssetsDefin
         backfill_policy=ROW_BACKFILL,
         op_tags=io_step_tags(),
     )
-    def _fragments(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+    def _fragments(context: dg.AssetExecutionContext, storage: StorageResource):
         layout_paths = storage.layout
+        results = RowResults(context, keys.fragments_key(size))
         for row_key in context.partition_keys:
             started = time.perf_counter()
             tables: list[pa.Table] = []
             skipped: list[SampleFailure] = []
             per_source: dict[str, int] = {}
-            for source in sources:
-                collection, samples = local_shard(storage, source, row_key)
+            try:
+                copies = [(source, *local_shard(storage, source, row_key)) for source in sources]
+            except dg.Failure as missing:  # this row's shards were never copied: the row fails alone
+                results.fail(row_key, missing.description)
+                continue
+            for source, collection, samples in copies:
                 found, failed = samples_fragment_rows(collection, samples, source, size, overlap)
                 tables += found
                 skipped += failed
                 per_source[source] = len(found)
             path = layout_paths.fragments_file(size, row_key)
             n = write_fragment_file(path, tables)
-            context.add_asset_metadata(
+            results.record(
+                row_key,
                 {
                     "row": row_key,
                     "samples": sum(per_source.values()),
@@ -75,9 +81,8 @@ def build_fragments_asset(size: int, sources: tuple[str, ...]) -> dg.AssetsDefin
                     ),
                     **presentation.file_metadata(path),
                 },
-                partition_key=row_key,
             )
-        return dg.MaterializeResult()
+        yield from results.finish()
 
     return _fragments
 

@@ -1,11 +1,17 @@
 """Notice new samples in a collection's metadata.parquet and request the rows they fall in.
 
 Cursor (JSON): per source, the metadata file's stamp (size + modification time or ETag, cheap to
-read even on the hub) and the sample count of every grid row seen. The file is read only when its
-stamp changes; rows whose count changed are re-requested, rows never seen are added to the
-`grid_rows` dynamic partitions first. On the very first tick (no cursor) the sensor registers
-every row but requests only rows whose shards were never materialised, so switching it on over
-an existing deployment does not recompute everything.
+read even on the hub), the sample count of every grid row in the user's selection, and rows
+waiting for a metadata refresh. The file is read only when its stamp changes. Then, per source:
+
+1. ONE run refreshes the `core/<source>/metadata` selection, with the filter of its last
+   materialisation (a user who selected a bbox or dates keeps that selection);
+2. once that refresh has materialised (a later tick), one run per row whose selected sample count
+   changed materialises the row's shards, fragment grids and embeddings, without the metadata.
+
+Rows are static partitions (every grid row exists), so nothing is registered. On the very first
+tick (no cursor) only rows whose shards were never materialised are requested, so switching the
+sensor on over an existing deployment does not recompute everything.
 """
 
 import hashlib
@@ -13,8 +19,9 @@ import json
 
 import dagster as dg
 
+from majortom_assets.core import MetadataFilter
 from majortom_assets.defs import keys
-from majortom_assets.defs.partitions import GRID_ROWS, new_row_keys, row_sample_counts
+from majortom_assets.defs.partitions import order_rows, row_sample_counts
 from majortom_assets.defs.resources import CollectionsResource, load_settings
 from majortom_assets.deployment import gpu_run_tags
 
@@ -29,6 +36,42 @@ def file_stamp(collection) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
+def last_selection(instance: dg.DagsterInstance, source: str) -> tuple[dict, int | None]:
+    """The filter of the metadata asset's latest materialisation (`{}` = everything) and its
+    event's storage id (None when it was never materialised)."""
+    found = instance.fetch_materializations(keys.core_metadata_key(source), limit=1).records
+    if not found or found[0].asset_materialization is None:
+        return {}, None
+    entry = found[0].asset_materialization.metadata.get("filter")
+    value = getattr(entry, "value", None)
+    return (dict(value) if isinstance(value, dict) else {}), found[0].storage_id
+
+
+def refresh_request(source: str, selection: dict, stamp: str) -> dg.RunRequest:
+    """One run that re-reads the collection's metadata with the user's filter."""
+    key = keys.core_metadata_key(source)
+    return dg.RunRequest(
+        run_key=f"{source}:metadata:{stamp}",
+        asset_selection=[key],
+        run_config={"ops": {key.to_python_identifier(): {"config": selection}}},
+        tags={"majortom/trigger": "new-samples"},
+    )
+
+
+def row_request(source: str, row: str, count: int, stamp: str, models: tuple[str, ...]) -> dg.RunRequest:
+    chain = keys.row_chain_keys(source, models)
+    embedding_keys = {keys.embeddings_key(m) for m in models}
+    return dg.RunRequest(
+        run_key=f"{source}:{row}:{count}:{stamp}",
+        partition_key=row,
+        asset_selection=chain,
+        tags={
+            **(gpu_run_tags() if embedding_keys & set(chain) else {}),
+            "majortom/trigger": "new-samples",
+        },
+    )
+
+
 def evaluate_new_samples(
     instance: dg.DagsterInstance,
     collections: CollectionsResource,
@@ -37,46 +80,41 @@ def evaluate_new_samples(
 ) -> dg.SensorResult:
     state: dict = json.loads(cursor) if cursor else {}
     first_tick = not state
-    registered = set(instance.get_dynamic_partitions(GRID_ROWS.name))
-    new_rows: list[str] = []
     requests: list[dg.RunRequest] = []
-    embedding_keys = {keys.embeddings_key(m) for m in models}
     for source in keys.sources_for_models(models):
+        entry = dict(state.get(source, {}))
+        selection, selection_id = last_selection(instance, source)
+        pending: dict[str, int] = entry.get("pending", {})
+        if pending and selection_id is not None and selection_id != entry.get("selection_id"):
+            # the refresh (or a user's own) materialised a newer selection: now request the rows
+            requests += [
+                row_request(source, row, pending[row], entry["stamp"], models) for row in order_rows(pending)
+            ]
+            pending = {}
+            entry["selection_id"] = selection_id
         collection = collections.open(source)
         try:
             stamp = file_stamp(collection)
         except (FileNotFoundError, OSError):
-            continue  # a collection not there yet is not an error for a sensor
-        previous = state.get(source, {})
-        if previous.get("stamp") == stamp:
-            continue
-        counts = row_sample_counts(collection.metadata())
-        fresh = new_row_keys(registered | set(new_rows), counts)
-        new_rows += fresh
-        chain = keys.row_chain_keys(source, models)
-        built = instance.get_materialized_partitions(keys.core_shards_key(source)) if first_tick else set()
-        for row, count in counts.items():
-            if previous.get("rows", {}).get(row) == count and not first_tick:
-                continue
-            if first_tick and row in built:
-                continue
-            requests.append(
-                dg.RunRequest(
-                    run_key=f"{source}:{row}:{count}:{stamp}",
-                    partition_key=row,
-                    asset_selection=[keys.core_metadata_key(source), *chain],
-                    tags={
-                        **(gpu_run_tags() if embedding_keys & set(chain) else {}),
-                        "majortom/trigger": "new-samples",
-                    },
-                )
-            )
-        state[source] = {"stamp": stamp, "rows": counts}
-    return dg.SensorResult(
-        run_requests=requests,
-        dynamic_partitions_requests=[GRID_ROWS.build_add_request(new_rows)] if new_rows else [],
-        cursor=json.dumps(state, sort_keys=True),
-    )
+            stamp = None  # a collection not there yet is not an error for a sensor
+        if stamp is not None and entry.get("stamp") != stamp:
+            counts = row_sample_counts(collection.metadata(MetadataFilter(**selection)))
+            previous: dict[str, int] = entry.get("rows", {})
+            if first_tick:
+                built = instance.get_materialized_partitions(keys.core_shards_key(source))
+                changed = {row: n for row, n in counts.items() if row not in built}
+            else:
+                # rows that gained or lost samples, and rows that lost all of them (now empty)
+                changed = {row: counts.get(row, 0) for row in {*counts, *previous}
+                           if counts.get(row, 0) != previous.get(row, 0)}
+            if changed:
+                requests.append(refresh_request(source, selection, stamp))
+                pending = {**pending, **changed}
+                entry["selection_id"] = selection_id
+            entry.update(stamp=stamp, rows=counts)
+        entry["pending"] = pending
+        state[source] = entry
+    return dg.SensorResult(run_requests=requests, cursor=json.dumps(state, sort_keys=True))
 
 
 _MODELS = load_settings().models
@@ -93,7 +131,10 @@ _MODELS = load_settings().models
     ),
     minimum_interval_seconds=600,
     default_status=dg.DefaultSensorStatus.STOPPED,
-    description="Adds grid rows with new Core samples as partitions and requests their shards, fragments and embeddings.",
+    description=(
+        "Refreshes a collection's metadata selection once per change (keeping the user's filter), "
+        "then requests the shards, fragments and embeddings of the rows whose samples changed."
+    ),
 )
 def new_core_samples(
     context: dg.SensorEvaluationContext, collections: CollectionsResource

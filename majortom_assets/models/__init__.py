@@ -12,17 +12,37 @@ from __future__ import annotations
 
 import importlib
 import os
+from typing import TYPE_CHECKING, Any
 
-from majortom_assets.models.base import (
-    BuiltModel,
-    Embedder,
-    WeightsIdentity,
-    WeightsUnavailableError,
-    load_state_file,
-    state_dict_sha256,
-)
-from majortom_assets.models.normalise import NORMALISERS, find_invalid_values, get_normaliser
 from majortom_assets.models.spec import MODEL_SPECS, ModelSpec, get_spec
+
+if TYPE_CHECKING:
+    from majortom_assets.models.base import (
+        BuiltModel,
+        Embedder,
+        WeightsIdentity,
+        WeightsUnavailableError,
+        load_state_file,
+        state_dict_sha256,
+    )
+    from majortom_assets.models.normalise import NORMALISERS, find_invalid_values, get_normaliser
+
+#: Names imported on first use: `base` and `normalise` import torch (seconds), and the Dagster
+#: code location reads only the specs when it loads (benchmarks/bench_dagster_scale.py).
+_LAZY = {
+    **dict.fromkeys(
+        ("BuiltModel", "Embedder", "WeightsIdentity", "WeightsUnavailableError", "load_state_file", "state_dict_sha256"),
+        "base",
+    ),
+    **dict.fromkeys(("NORMALISERS", "find_invalid_values", "get_normaliser"), "normalise"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module = importlib.import_module(f"majortom_assets.models.{_LAZY[name]}")
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "MODEL_SPECS",
@@ -56,6 +76,8 @@ def load_embedder(
     reference_compatible: reproduce the public reference's input pipeline (DINOv2 only), for
     comparisons with published embeddings; never the default.
     """
+    from majortom_assets.models.base import Embedder
+
     spec = get_spec(name)
     module_name, _, function = spec.builder.partition(":")
     build = getattr(importlib.import_module(module_name), function)

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from majortom_assets.models.spec import NORMALISATIONS
+
 # Sentinel-2 Core bands store reflectance x 10 000 (ESA L1C/L2A quantification value).
 S2_REFLECTANCE_SCALE = 1e4
 
@@ -131,6 +133,9 @@ NORMALISERS: dict[str, Normaliser] = {
     "rgb-siglip": rgb_siglip,
     "rgb-imagenet": rgb_imagenet,
 }
+
+if set(NORMALISERS) != set(NORMALISATIONS):  # the registry's torch-free list of names
+    raise ImportError(f"normalisers {sorted(NORMALISERS)} differ from spec.NORMALISATIONS {sorted(NORMALISATIONS)}")
 
 # Compatibility variants, keyed by the normalisation they replace.
 REFERENCE_NORMALISERS: dict[str, Normaliser] = {

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from majortom_assets.models.normalise import NORMALISERS
 from majortom_assets.standard import RGB_BANDS, S1RTC_BANDS, S2L1C_BANDS, Source
+
+#: Names of the input normalisations (`normalise.NORMALISERS` implements each; it checks that the
+#: two agree). Listed here so the registry loads without torch: the Dagster code location reads
+#: the specs at load time and would otherwise pay for importing torch.
+NORMALISATIONS: tuple[str, ...] = ("s2-reflectance", "s1-db-minmax", "rgb-siglip", "rgb-imagenet")
 
 
 class ModelSpec(BaseModel):
@@ -35,8 +39,8 @@ class ModelSpec(BaseModel):
     @field_validator("normalisation")
     @classmethod
     def _known_normalisation(cls, value: str) -> str:
-        if value not in NORMALISERS:
-            raise ValueError(f"unknown normalisation {value!r}; known: {sorted(NORMALISERS)}")
+        if value not in NORMALISATIONS:
+            raise ValueError(f"unknown normalisation {value!r}; known: {sorted(NORMALISATIONS)}")
         return value
 
     @model_validator(mode="after")

@@ -149,13 +149,12 @@ def synthetic_rows(home: Path, rows: list[str], *, cells_per_row: int, seed: int
 def local_deployment(
     root: Path, row: str, *, cells_per_row: int, seed: int, timestamps: int = 1, **extra_env: str
 ) -> tuple[Path, Path, dict[str, str]]:
-    """`root/home` with one synthetic row and `root/dagster_home` that already lists it as a
-    partition, plus the environment of a deployment over them."""
+    """`root/home` with one synthetic row and an empty `root/dagster_home` (every grid row is a
+    partition already), plus the environment of a deployment over them."""
     home, dagster_home = root / "home", root / "dagster_home"
     dagster_home.mkdir()
     synthetic_rows(home, [row], cells_per_row=cells_per_row, seed=seed, timestamps=timestamps)
     env = project_env(home, dagster_home, **extra_env)
-    register_rows(dagster_home, [row], env)
     return home, dagster_home, env
 
 
@@ -180,18 +179,6 @@ def materialize(env: dict[str, str], select: list[str], partitions: list[str] | 
                           text=True, timeout=timeout, check=False)
     output = proc.stdout + proc.stderr
     return parse_driver(output), output
-
-
-def register_rows(dagster_home: Path, rows: list[str], env: dict[str, str] | None = None) -> None:
-    """Add grid-row partitions to the instance at `dagster_home` (subprocess: its own env)."""
-    code = (
-        "import sys; from dagster import DagsterInstance; "
-        "from majortom_assets.defs.partitions import register_rows; "
-        "register_rows(DagsterInstance.get(), sys.argv[1:])"
-    )
-    run_env = dict(env or os.environ, DAGSTER_HOME=str(dagster_home))
-    subprocess.run([sys.executable, "-c", code, *rows], env=run_env, check=True, capture_output=True,
-                   timeout=120)
 
 
 def step_failure_messages(instance, run_id: str) -> list[str]:

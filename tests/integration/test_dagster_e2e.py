@@ -30,7 +30,6 @@ from majortom_assets import geoparquet, synthetic
 from majortom_assets.defs import keys
 from majortom_assets.defs.embeddings import build_embeddings_asset
 from majortom_assets.defs.maps import build_pca_map_asset
-from majortom_assets.defs.partitions import register_rows
 from majortom_assets.demo import prepare_dagster_home
 from majortom_assets.fragment import fragment_layout
 
@@ -78,7 +77,6 @@ def test_asset_graph_materialises_end_to_end_and_isolates_failures(graph):
     home, assets, resources = graph
     row_assets = [keys.core_shards_key("S2L2A"), keys.fragments_key(224), keys.embeddings_key(MODEL)]
     with dg.instance_for_test() as instance:
-        register_rows(instance, [GOOD_ROW, BAD_ROW])
         assert materialize(assets, resources, instance, [keys.core_metadata_key("S2L2A")]).success
         good = materialize(assets, resources, instance, row_assets, GOOD_ROW)
         bad = materialize(assets, resources, instance, row_assets, BAD_ROW)
@@ -135,7 +133,6 @@ def test_checks_catch_a_tampered_embedding(graph):
     row_assets = [keys.core_shards_key("S2L2A"), keys.fragments_key(224), keys.embeddings_key(MODEL)]
     if not path.exists():  # run on its own (e.g. with -k): materialise the good row first
         with dg.instance_for_test() as instance:
-            register_rows(instance, [GOOD_ROW])
             assert materialize(assets, resources, instance, [keys.core_metadata_key("S2L2A")]).success
             assert materialize(assets, resources, instance, row_assets, GOOD_ROW).success
     table = pq.read_table(path)
@@ -147,7 +144,6 @@ def test_checks_catch_a_tampered_embedding(graph):
     tampered = pa.Table.from_arrays(columns, schema=table.schema)  # same schema and file metadata
     pq.write_table(tampered, path)
     with dg.instance_for_test() as instance:
-        register_rows(instance, [GOOD_ROW])
         embeddings = next(a for a in assets if keys.embeddings_key(MODEL) in a.keys)
         checks = next(a for a in assets if a.check_keys and not a.keys)
         # run on its own (no partition), the check verifies every row file of the model
@@ -188,7 +184,6 @@ def served(tmp_path_factory):
     dagster_home = prepare_dagster_home(root / "dagster_home")
     assets = pipeline_assets("S2L2A", MODEL, products=False)
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
-        register_rows(instance, [GOOD_ROW])
         resources = local_resources(home, MODEL, SIZE)
         assert materialize(assets, resources, instance, [keys.core_metadata_key("S2L2A")]).success
         assert materialize(assets, resources, instance, [a.key for a in assets[1:]], GOOD_ROW).success

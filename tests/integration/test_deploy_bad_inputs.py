@@ -18,7 +18,6 @@ from deploy_support import (
     IMAGE_SIZE,
     materialize,
     project_env,
-    register_rows,
     step_failure_messages,
 )
 from rasterio.io import MemoryFile
@@ -114,7 +113,6 @@ def bad_row(tmp_path_factory):
     }, drop_column={3: "B03"})
     s1_ids = _rewrite(s1, {0: _all_bands(_set_pixels(np.nan), ["vv"]), 1: _all_bands(_set_pixels(-0.5), ["vh"])}, {})
     env = project_env(home, dagster_home, models=MODELS)
-    register_rows(dagster_home, [ROW], env)
     chain = ["core/s2l2a/shards", "core/s1rtc/shards", "fragments/grid_224px",
              "embeddings/dinov2_rgb", "embeddings/ssl4eo_s1"]
     results, output = materialize(env, ["core/s2l2a/metadata", "core/s1rtc/metadata"], then=[(chain, [ROW])])

@@ -23,7 +23,6 @@ from deploy_support import (
     postgres_database,
     postgres_instance_home,
     project_env,
-    register_rows,
     synthetic_rows,
 )
 
@@ -75,7 +74,6 @@ def test_row_partitions_run_in_a_celery_worker_on_their_queues(tmp_path, monkeyp
         env = project_env(home, tmp_path / "dagster_home", **pg_env, MAJORTOM_EXECUTOR="celery",
                           MAJORTOM_CELERY_BROKER=BROKER, MAJORTOM_CELERY_BACKEND="rpc://",
                           MAJORTOM_CELERY_QUEUE=io_queue, MAJORTOM_CELERY_GPU_QUEUE=gpu_queue)
-        register_rows(tmp_path / "dagster_home", ROWS, env)
         for key, value in pg_env.items():  # this process reads the same instance afterwards
             monkeypatch.setenv(key, value)
 

@@ -14,7 +14,6 @@ from majortom_assets import geoparquet
 from majortom_assets.defs import keys
 from majortom_assets.defs.embeddings import build_embeddings_asset
 from majortom_assets.defs.fragments import build_fragments_asset
-from majortom_assets.defs.partitions import register_rows
 from majortom_assets.defs.resources import MajorTomSettings, build_resources
 from majortom_assets.defs.shards import build_core_metadata_asset, build_core_shards_asset
 from majortom_assets.deployment import GPU_POOL
@@ -50,7 +49,6 @@ def test_materialisations_are_recorded_in_postgres(tmp_path, pg_instance, monkey
     assets = [build_core_metadata_asset("S2L2A"), build_core_shards_asset("S2L2A"),
               build_fragments_asset(224, ("S2L2A",)), build_embeddings_asset(MODEL)]
     resources = build_resources(settings)
-    register_rows(instance, ROWS)
     # the gpu pool limit lives in the instance's database, shared by every process
     instance.event_log_storage.set_concurrency_slots(GPU_POOL, 1)
 

@@ -371,7 +371,6 @@ def materialise_small_graph(root: Path) -> tuple[Path, Path]:
 
     from majortom_assets import synthetic
     from majortom_assets.defs import keys
-    from majortom_assets.defs.partitions import register_rows
     from majortom_assets.demo import prepare_dagster_home
 
     home = root / "home"
@@ -388,7 +387,6 @@ def materialise_small_graph(root: Path) -> tuple[Path, Path]:
         ([keys.pca_map_key(MODEL)], None),
     )
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
-        register_rows(instance, [ROW])
         for selection, partition in steps:
             if not materialize(assets, resources, instance, selection, partition).success:
                 raise RuntimeError(f"materialising {selection} ({partition}) failed")
