@@ -102,13 +102,10 @@ class StorageLayout:
     def report_dir(self, model: str) -> Path:
         return self.inside("reports", _segment(model, "model"))
 
-    def change_file(self, model: str) -> Path:
-        """Per-cell change scores between consecutive dates (`vectors/<model>/change`)."""
-        return self.inside("reports", _segment(model, "model"), "change.parquet")
-
-    def fragment_change_file(self, model: str) -> Path:
-        """Per-fragment change scores, the detail behind `change_file`."""
-        return self.inside("reports", _segment(model, "model"), "change_fragments.parquet")
+    def change_dir(self, model: str) -> Path:
+        """Change scores between consecutive dates (`vectors/<model>/change`), one folder per row:
+        ``row=<ROW>/cells.parquet`` (per cell) and ``row=<ROW>/fragments.parquet`` (per fragment)."""
+        return self.inside("reports", _segment(model, "model"), "change")
 
     def sql_database(self) -> Path:
         """The DuckDB catalog of views over every model's embeddings (`vectors/sql_catalog`)."""

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import dagster as dg
 import pandas as pd
-import pyarrow as pa
 
 from majortom_assets.defs import keys, presentation
 from majortom_assets.defs.resources import CollectionsResource, StorageResource, load_settings
@@ -87,15 +86,23 @@ def build_export_asset(model: str, precision: str) -> dg.AssetsDefinition:
 
         files = embedding_files(storage, model)
         out_dir = storage.layout.export_dir(model, precision)
-        manifest = quantize.export(files, out_dir, precision=precision, model=model)
+        # per-row files under one manifest: only rows whose embedding file changed are re-encoded
+        manifest = quantize.update_export(files, out_dir, precision=precision, model=model)
         flat = quantize.FlatEmbeddings.open(out_dir)  # proves the export memory-maps
+        update = manifest["update"]
         return dg.MaterializeResult(
             metadata={
                 "precision": precision,
                 "vectors": len(flat),
                 "dim": int(manifest["dim"]),
+                "dtype": manifest["dtype"],
+                "decoding": manifest["decoding"],
                 "matrix bytes": int(manifest["bytes"]),
                 "rows (files)": len(files),
+                "rows read": int(update["rows read"]),
+                "rows encoded": int(update["rows encoded"]),
+                "rows unchanged": int(update["rows unchanged"]),
+                **({"int8 scale refit": bool(update["scale refit"])} if precision == "int8" else {}),
                 **presentation.file_metadata(out_dir),
             }
         )
@@ -153,25 +160,14 @@ def build_evaluation_asset(model: str) -> dg.AssetsDefinition:
 #: How many of the most-changed cells the change asset lists in the UI.
 TOP_CHANGED = 10
 
-_FRAGMENT_CHANGE_SCHEMA = pa.schema([
-    ("grid_cell", pa.string()), ("pixel_bbox", pa.list_(pa.int32())),
-    ("t0", pa.timestamp("ns", tz="UTC")), ("t1", pa.timestamp("ns", tz="UTC")),
-    ("product_t0", pa.string()), ("product_t1", pa.string()), ("cosine_distance", pa.float64()),
-])
-_CELL_CHANGE_SCHEMA = pa.schema([
-    ("grid_cell", pa.string()), ("t0", pa.timestamp("ns", tz="UTC")), ("t1", pa.timestamp("ns", tz="UTC")),
-    ("cosine_distance", pa.float64()), ("fragments", pa.int64()),
-])
 
-
-def _most_changed(per_cell: pd.DataFrame, limit: int = TOP_CHANGED) -> pd.DataFrame:
+def _most_changed(top: list[dict]) -> pd.DataFrame:
     """The UI table: highest change first, dates as days (the scores compare whole acquisitions)."""
-    top = per_cell.sort_values(["cosine_distance", "grid_cell"], ascending=[False, True]).head(limit)
     return pd.DataFrame({
-        "grid_cell": top["grid_cell"].to_numpy(),
-        "dates": [f"{a:%Y-%m-%d} → {b:%Y-%m-%d}" for a, b in zip(top["t0"], top["t1"])],
-        "score": top["cosine_distance"].round(4).to_numpy(),
-        "fragments": top["fragments"].to_numpy(),
+        "grid_cell": [t["grid_cell"] for t in top],
+        "dates": [f"{pd.Timestamp(t['t0']):%Y-%m-%d} → {pd.Timestamp(t['t1']):%Y-%m-%d}" for t in top],
+        "score": [round(t["cosine_distance"], 4) for t in top],
+        "fragments": [t["fragments"] for t in top],
     })
 
 
@@ -179,41 +175,21 @@ def build_change_asset(model: str) -> dg.AssetsDefinition:
     @embeddings_product(
         model, keys.change_key(model), group="vectors", kinds={"parquet"},
         description=f"Change scores of {model} embeddings: cosine distance between consecutive dates of "
-        "each fragment (same cell, same pixel box) and their mean per cell.",
+        "each fragment (same cell, same pixel box) and their mean per cell, one folder per grid row.",
     )
     def _change(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
-
-        from majortom_assets.geoparquet import atomic_output
         from majortom_assets.vectors import timeseries
 
         files = embedding_files(storage, model)
-        cell_path, fragment_path = storage.layout.change_file(model), storage.layout.fragment_change_file(model)
-        cell_frames, cells, series = [], 0, 0
-        # Row partitions hold disjoint cells, so each partition's series are complete on their own:
-        # memory stays one partition's embeddings, and counts add up across partitions.
-        with atomic_output(cell_path) as cell_tmp, atomic_output(fragment_path) as fragment_tmp:
-            with pq.ParquetWriter(fragment_tmp, _FRAGMENT_CHANGE_SCHEMA) as writer:
-                for path in files:
-                    cells += len(pc.unique(pq.read_table(path, columns=["grid_cell"]).column("grid_cell")))
-                    per_fragment, per_cell = timeseries.partition_change_scores(path)
-                    if per_fragment.empty:
-                        continue
-                    boxes = per_fragment["pixel_bbox"].map(tuple)
-                    series += len(set(zip(per_fragment["grid_cell"], boxes)))
-                    writer.write_table(pa.Table.from_pandas(
-                        per_fragment[_FRAGMENT_CHANGE_SCHEMA.names], schema=_FRAGMENT_CHANGE_SCHEMA,
-                        preserve_index=False))
-                    cell_frames.append(per_cell)
-            per_cell = (pd.concat(cell_frames, ignore_index=True) if cell_frames
-                        else _CELL_CHANGE_SCHEMA.empty_table().to_pandas())
-            pq.write_table(pa.Table.from_pandas(per_cell[_CELL_CHANGE_SCHEMA.names], schema=_CELL_CHANGE_SCHEMA,
-                                                preserve_index=False), cell_tmp)
-        scores = per_cell["cosine_distance"].to_numpy(dtype=float)
-        random_weights = any_random_weights(files)
-        table = presentation.markdown_table(_most_changed(per_cell), limit=TOP_CHANGED)
-        if not len(per_cell):
+        out_dir = storage.layout.change_dir(model)
+        # Rows hold disjoint cells, so each row's scores are complete on their own: only rows whose
+        # embedding file changed are re-read, the totals add up from the per-row summaries.
+        result = timeseries.update_change(files, out_dir)
+        totals = timeseries.change_totals(result["summaries"], TOP_CHANGED)
+        update = result["update"]
+        random_weights = bool(result["random_weights"])
+        table = presentation.markdown_table(_most_changed(totals["top"]), limit=TOP_CHANGED)
+        if not totals["pairs"]:
             table = "_no cell has two dates yet: change needs at least two acquisitions of a cell_"
         if random_weights:
             from majortom_assets.geoparquet import RANDOM_WEIGHTS_WARNING
@@ -222,16 +198,20 @@ def build_change_asset(model: str) -> dg.AssetsDefinition:
         return dg.MaterializeResult(
             metadata={
                 "most changed cells": dg.MetadataValue.md(table),
-                "cells": cells,
-                "cells with >=2 dates": int(per_cell["grid_cell"].nunique()),
-                "date pairs (cell)": len(per_cell),
-                "fragment series (>=2 dates)": series,
-                "mean change": float(scores.mean()) if len(scores) else float("nan"),
-                "max change": float(scores.max()) if len(scores) else float("nan"),
+                "cells": int(totals["cells"]),
+                "cells with >=2 dates": int(totals["cells_with_pairs"]),
+                "date pairs (cell)": int(totals["pairs"]),
+                "fragment series (>=2 dates)": int(totals["series"]),
+                "mean change": float(totals["mean"]),
+                "max change": float(totals["max"]),
                 "rows (files)": len(files),
+                "rows read": int(update["rows read"]),
+                "rows unchanged": int(update["rows unchanged"]),
                 "random weights": random_weights,
-                **presentation.file_metadata(cell_path),
-                **presentation.file_metadata(fragment_path, label="fragments path"),
+                "read with": dg.MetadataValue.md(
+                    f"`pyarrow.parquet.read_table('{out_dir}', ...)` or DuckDB "
+                    f"`read_parquet('{out_dir}/*/{timeseries.CELLS_FILE}', hive_partitioning = true)`"),
+                **presentation.file_metadata(out_dir),
             }
         )
 

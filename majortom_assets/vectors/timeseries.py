@@ -115,3 +115,99 @@ def change_scores(series: Sequence[FragmentSeries]) -> tuple[pd.DataFrame, pd.Da
 def partition_change_scores(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Change scores of every cell in one row partition (memory: that partition's embeddings)."""
     return change_scores(_group_series(geoparquet.read_table(Path(path), columns=_COLUMNS)))
+
+
+# ---------------------------------------------------------------- change files per row (incremental)
+FRAGMENT_CHANGE_SCHEMA = pa.schema([
+    ("grid_cell", pa.string()), ("pixel_bbox", pa.list_(pa.int32())),
+    ("t0", pa.timestamp("ns", tz="UTC")), ("t1", pa.timestamp("ns", tz="UTC")),
+    ("product_t0", pa.string()), ("product_t1", pa.string()), ("cosine_distance", pa.float64()),
+])
+CELL_CHANGE_SCHEMA = pa.schema([
+    ("grid_cell", pa.string()), ("t0", pa.timestamp("ns", tz="UTC")), ("t1", pa.timestamp("ns", tz="UTC")),
+    ("cosine_distance", pa.float64()), ("fragments", pa.int64()),
+])
+CELLS_FILE, FRAGMENTS_FILE = "cells.parquet", "fragments.parquet"
+#: Most-changed pairs each row keeps in the state, so the global top list needs no file reads.
+TOP_PER_ROW = 10
+
+
+def write_change_files(path: str | Path, out_dir: str | Path, top: int = TOP_PER_ROW) -> dict:
+    """Change scores of one row partition into ``out_dir/cells.parquet`` and ``fragments.parquet``.
+
+    Row partitions hold disjoint cells, so a row's series are complete on their own: memory is that
+    row's embeddings. Returns the row's summary (counts, sum and max of the per-cell scores and its
+    `top` most-changed cell pairs) so a global report adds rows up without re-reading them.
+    """
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    path, out = Path(path), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = geoparquet.read_table(path, columns=_COLUMNS)
+    per_fragment, per_cell = change_scores(_group_series(table))
+    cells = len(pc.unique(table.column("grid_cell")))
+    del table
+    series = len(set(zip(per_fragment["grid_cell"], per_fragment["pixel_bbox"].map(tuple)))) if len(per_fragment) else 0
+    frag_table = (pa.Table.from_pandas(per_fragment[FRAGMENT_CHANGE_SCHEMA.names], schema=FRAGMENT_CHANGE_SCHEMA,
+                                       preserve_index=False) if len(per_fragment) else FRAGMENT_CHANGE_SCHEMA.empty_table())
+    cell_table = (pa.Table.from_pandas(per_cell[CELL_CHANGE_SCHEMA.names], schema=CELL_CHANGE_SCHEMA,
+                                       preserve_index=False) if len(per_cell) else CELL_CHANGE_SCHEMA.empty_table())
+    with geoparquet.atomic_output(out / FRAGMENTS_FILE) as tmp:
+        pq.write_table(frag_table, tmp)
+    with geoparquet.atomic_output(out / CELLS_FILE) as tmp:
+        pq.write_table(cell_table, tmp)
+    scores = per_cell["cosine_distance"].to_numpy(dtype=float) if len(per_cell) else np.zeros(0)
+    best = per_cell.sort_values(["cosine_distance", "grid_cell"], ascending=[False, True]).head(top) \
+        if len(per_cell) else per_cell
+    return {
+        "random_weights": bool(geoparquet.read_info(path).random_weights),
+        "cells": int(cells), "cells_with_pairs": int(per_cell["grid_cell"].nunique()) if len(per_cell) else 0,
+        "pairs": len(per_cell), "series": int(series), "sum": float(scores.sum()),
+        "max": float(scores.max()) if len(scores) else None,
+        "top": [{"grid_cell": str(r.grid_cell), "t0": pd.Timestamp(r.t0).isoformat(), "t1": pd.Timestamp(r.t1).isoformat(),
+                 "cosine_distance": float(r.cosine_distance), "fragments": int(r.fragments)}
+                for r in best.itertuples(index=False)],
+    }
+
+
+def update_change(paths, out_dir: str | Path, *, refresh: bool = False) -> dict:
+    """Per-row change files under ``out_dir/row=<ROW>/`` brought up to date: O(changed rows).
+
+    Rows whose embedding file kept its stamp (`vectors.rowcache`) are not opened; their summaries
+    come from the state. The whole set reads as one hive-partitioned dataset:
+    ``pq.read_table(out_dir / "row=*" ...)`` or DuckDB ``read_parquet('<dir>/*/cells.parquet', hive_partitioning=1)``.
+    """
+    import shutil
+
+    from majortom_assets.layout import validate_row_key
+    from majortom_assets.vectors import rowcache
+
+    out = Path(out_dir)
+    state_path = out / "state.json"
+    state = {} if refresh else rowcache.load_state(state_path)
+    current = rowcache.current_rows(paths)
+    diff = rowcache.diff(current, state.get("rows", {}))
+    summaries: dict = dict(state.get("summaries", {}))
+    for row in diff.removed:
+        summaries.pop(row, None)
+        shutil.rmtree(out / f"row={validate_row_key(row)}", ignore_errors=True)
+    for row in diff.to_read:
+        summaries[row] = write_change_files(current[row][0], out / f"row={validate_row_key(row)}")
+    rowcache.save_state(state_path, {"rows": {r: current[r][1] for r in current}, "summaries": summaries})
+    return {"summaries": summaries, "update": {**diff.summary(), "rows read": len(diff.to_read)},
+            "random_weights": any(v["random_weights"] for v in summaries.values())}
+
+
+def change_totals(summaries: dict, top: int = TOP_PER_ROW) -> dict:
+    """Archive totals and the `top` most-changed cell pairs from per-row summaries (no file reads)."""
+    values = list(summaries.values())
+    pairs = sum(v["pairs"] for v in values)
+    maxima = [v["max"] for v in values if v["max"] is not None]
+    best = sorted((t for v in values for t in v["top"]), key=lambda t: (-t["cosine_distance"], t["grid_cell"]))[:top]
+    return {
+        "cells": sum(v["cells"] for v in values), "cells_with_pairs": sum(v["cells_with_pairs"] for v in values),
+        "pairs": pairs, "series": sum(v["series"] for v in values),
+        "mean": sum(v["sum"] for v in values) / pairs if pairs else float("nan"),
+        "max": max(maxima) if maxima else float("nan"), "top": best,
+    }
