@@ -103,8 +103,8 @@ class StorageLayout:
         return self.inside("reports", _segment(model, "model"))
 
     def change_dir(self, model: str) -> Path:
-        """Change scores between consecutive dates (`vectors/<model>/change`), one folder per row:
-        ``row=<ROW>/cells.parquet`` (per cell) and ``row=<ROW>/fragments.parquet`` (per fragment)."""
+        """Change scores between consecutive dates (`vectors/<model>/change`), per row:
+        ``cells/row=<ROW>/cells.parquet`` and ``fragments/row=<ROW>/fragments.parquet``."""
         return self.inside("reports", _segment(model, "model"), "change")
 
     def sql_database(self) -> Path:

@@ -209,8 +209,8 @@ def build_change_asset(model: str) -> dg.AssetsDefinition:
                 "rows unchanged": int(update["rows unchanged"]),
                 "random weights": random_weights,
                 "read with": dg.MetadataValue.md(
-                    f"`pyarrow.parquet.read_table('{out_dir}', ...)` or DuckDB "
-                    f"`read_parquet('{out_dir}/*/{timeseries.CELLS_FILE}', hive_partitioning = true)`"),
+                    f"`pyarrow.parquet.read_table('{out_dir / timeseries.CELLS_DIR}')` or DuckDB "
+                    f"`read_parquet('{out_dir / timeseries.CELLS_DIR}/*/*.parquet', hive_partitioning = true)`"),
                 **presentation.file_metadata(out_dir),
             }
         )

@@ -128,12 +128,14 @@ CELL_CHANGE_SCHEMA = pa.schema([
     ("cosine_distance", pa.float64()), ("fragments", pa.int64()),
 ])
 CELLS_FILE, FRAGMENTS_FILE = "cells.parquet", "fragments.parquet"
+CELLS_DIR, FRAGMENTS_DIR = "cells", "fragments"
 #: Most-changed pairs each row keeps in the state, so the global top list needs no file reads.
 TOP_PER_ROW = 10
 
 
-def write_change_files(path: str | Path, out_dir: str | Path, top: int = TOP_PER_ROW) -> dict:
-    """Change scores of one row partition into ``out_dir/cells.parquet`` and ``fragments.parquet``.
+def write_change_files(path: str | Path, cells_path: str | Path, fragments_path: str | Path,
+                       top: int = TOP_PER_ROW) -> dict:
+    """Change scores of one row partition: per cell into `cells_path`, per fragment into `fragments_path`.
 
     Row partitions hold disjoint cells, so a row's series are complete on their own: memory is that
     row's embeddings. Returns the row's summary (counts, sum and max of the per-cell scores and its
@@ -142,8 +144,7 @@ def write_change_files(path: str | Path, out_dir: str | Path, top: int = TOP_PER
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    path, out = Path(path), Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
     table = geoparquet.read_table(path, columns=_COLUMNS)
     per_fragment, per_cell = change_scores(_group_series(table))
     cells = len(pc.unique(table.column("grid_cell")))
@@ -153,10 +154,10 @@ def write_change_files(path: str | Path, out_dir: str | Path, top: int = TOP_PER
                                        preserve_index=False) if len(per_fragment) else FRAGMENT_CHANGE_SCHEMA.empty_table())
     cell_table = (pa.Table.from_pandas(per_cell[CELL_CHANGE_SCHEMA.names], schema=CELL_CHANGE_SCHEMA,
                                        preserve_index=False) if len(per_cell) else CELL_CHANGE_SCHEMA.empty_table())
-    with geoparquet.atomic_output(out / FRAGMENTS_FILE) as tmp:
-        pq.write_table(frag_table, tmp)
-    with geoparquet.atomic_output(out / CELLS_FILE) as tmp:
-        pq.write_table(cell_table, tmp)
+    for target, data in ((Path(fragments_path), frag_table), (Path(cells_path), cell_table)):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with geoparquet.atomic_output(target) as tmp:
+            pq.write_table(data, tmp)
     scores = per_cell["cosine_distance"].to_numpy(dtype=float) if len(per_cell) else np.zeros(0)
     best = per_cell.sort_values(["cosine_distance", "grid_cell"], ascending=[False, True]).head(top) \
         if len(per_cell) else per_cell
@@ -172,11 +173,13 @@ def write_change_files(path: str | Path, out_dir: str | Path, top: int = TOP_PER
 
 
 def update_change(paths, out_dir: str | Path, *, refresh: bool = False) -> dict:
-    """Per-row change files under ``out_dir/row=<ROW>/`` brought up to date: O(changed rows).
+    """Per-row change files brought up to date: O(changed rows).
 
-    Rows whose embedding file kept its stamp (`vectors.rowcache`) are not opened; their summaries
-    come from the state. The whole set reads as one hive-partitioned dataset:
-    ``pq.read_table(out_dir / "row=*" ...)`` or DuckDB ``read_parquet('<dir>/*/cells.parquet', hive_partitioning=1)``.
+    ``out_dir/cells/row=<ROW>/cells.parquet`` (per cell and date pair) and
+    ``out_dir/fragments/row=<ROW>/fragments.parquet`` (per fragment): each folder reads as one
+    hive-partitioned dataset (``pq.read_table(out_dir / "cells")``, DuckDB
+    ``read_parquet('<out_dir>/cells/*/*.parquet', hive_partitioning = true)``). Rows whose embedding
+    file kept its stamp (`vectors.rowcache`) are not opened; their summaries come from the state.
     """
     import shutil
 
@@ -191,9 +194,12 @@ def update_change(paths, out_dir: str | Path, *, refresh: bool = False) -> dict:
     summaries: dict = dict(state.get("summaries", {}))
     for row in diff.removed:
         summaries.pop(row, None)
-        shutil.rmtree(out / f"row={validate_row_key(row)}", ignore_errors=True)
+        for sub in (CELLS_DIR, FRAGMENTS_DIR):
+            shutil.rmtree(out / sub / f"row={validate_row_key(row)}", ignore_errors=True)
     for row in diff.to_read:
-        summaries[row] = write_change_files(current[row][0], out / f"row={validate_row_key(row)}")
+        part = f"row={validate_row_key(row)}"
+        summaries[row] = write_change_files(current[row][0], out / CELLS_DIR / part / CELLS_FILE,
+                                            out / FRAGMENTS_DIR / part / FRAGMENTS_FILE)
     rowcache.save_state(state_path, {"rows": {r: current[r][1] for r in current}, "summaries": summaries})
     return {"summaries": summaries, "update": {**diff.summary(), "rows read": len(diff.to_read)},
             "random_weights": any(v["random_weights"] for v in summaries.values())}
