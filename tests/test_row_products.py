@@ -257,3 +257,27 @@ def test_change_adding_a_row_reads_only_that_row(data, tmp_path, monkeypatch):
     assert totals["top"][0]["grid_cell"] == top
     changed = set(data.changed_cells)
     assert {t["grid_cell"] for t in totals["top"][:len(changed)]} == changed  # the true changes rank first
+
+
+def test_evaluation_features_are_a_fixed_sample_cached_per_row(data, tmp_path, monkeypatch):
+    from majortom_assets.vectors import evaluate
+
+    rows = _by_row(data.paths)
+    order = sorted(rows, key=rowcache._row_order)
+    by_cell = evaluate.labels_by_cell(data.labels)
+    sample = evaluate.sample_cells(by_cell.index, 30)
+    assert len(sample) == 30 and list(sample) == list(evaluate.sample_cells(reversed(by_cell.index), 30))
+    cache = tmp_path / "features"
+    evaluate.update_features([rows[r] for r in order[:-1]], sample, cache, identity="s30")
+    reads = Reads(monkeypatch)
+    x, cells, update = evaluate.update_features(data.paths, sample, cache, identity="s30")
+    assert reads.embedding_files() == {str(rows[order[-1]].resolve())} and update["rows read"] == 1
+    monkeypatch.undo()
+    ref_x, ref_cells = evaluate.labelled_features([rows[r] for r in order], sample)
+    np.testing.assert_array_equal(x, ref_x)
+    assert list(cells) == list(ref_cells) and set(cells) == set(sample)
+    scores = evaluate.score_features("m", x, cells, by_cell, evaluate.EvalConfig(folds=3))
+    assert scores.cells == 30 and scores.knn_accuracy > scores.chance
+    # another sample (or labels) is another identity: every row is read again
+    _, _, again = evaluate.update_features(data.paths, sample[:20], cache, identity="s20")
+    assert again["rows read"] == 4
