@@ -254,7 +254,6 @@ def update_pca_map(
         if row in diff.removed:
             central_file(row).unlink()
     dim = state.get("dim")
-    fresh_central: dict[str, pa.Table] = {}
     for row in diff.to_read:
         path = current[row][0]
         central = central_fragments(path)
@@ -268,7 +267,7 @@ def update_pca_map(
         m = PCAMoments.of(x)
         total = m if total is None else total.merge(m)
         rows_meta[row] = {"random_weights": bool(geoparquet.read_info(path).random_weights), "fitted": m.count}
-        fresh_central[row] = central
+        del central, x  # memory stays one row: projection re-reads the cached file
     if total is None or total.count < 2:
         raise ValueError(f"the PCA map needs at least 2 central fragments, the rows hold {0 if total is None else total.count}")
     fit = StreamingPCA(3).fit_moments(total)
@@ -294,8 +293,7 @@ def update_pca_map(
         scores = []
         with pq.ParquetWriter(tmp_cells, pa.schema([CELLS_SCHEMA.field(c) for c in CELL_COLUMNS])) as writer:
             for row in sorted(current, key=lambda r: _row_key((r, None))):
-                table = row_cells(fresh_central[row] if row in fresh_central else load_central(row),
-                                  provisional, row)
+                table = row_cells(load_central(row), provisional, row)
                 if table.num_rows:
                     writer.write_table(table, row_group_size=table.num_rows)
                     scores.append(np.stack([table.column(c).to_numpy() for c in ("pc1", "pc2", "pc3")], axis=1))
@@ -307,7 +305,7 @@ def update_pca_map(
         finally:
             tmp_cells.unlink(missing_ok=True)
     else:
-        fresh = [(row, row_cells(fresh_central[row], basis, row)) for row in diff.to_read]
+        fresh = [(row, row_cells(load_central(row), basis, row)) for row in diff.to_read]
         projected = len(fresh)
         # the old file is read to the end inside the writer's block, before the temp replaces it
         old = _row_groups(cells_path, keep=set(diff.unchanged))
