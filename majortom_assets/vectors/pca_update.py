@@ -138,18 +138,27 @@ def central_matrix(table: pa.Table) -> np.ndarray:
 
 
 def row_cells(central: pa.Table, basis, row: str) -> pa.Table:
-    """Mean PCA scores of each cell's central fragment(s) in one row (CELL_COLUMNS)."""
+    """Mean PCA scores of each cell's central fragment(s) in one row (CELL_COLUMNS).
+
+    numpy group-by (bincount) rather than pandas: this runs once per row, ~1,700 times for the
+    archive, where a DataFrame's fixed cost would outweigh the arithmetic.
+    """
     scores = basis.transform(central_matrix(central))
-    df = central.select(CENTRAL_COLUMNS).to_pandas()
-    for i in range(3):
-        df[f"pc{i + 1}"] = scores[:, i]
-    out = df.groupby("grid_cell", sort=True).agg(
-        centre_lat=("centre_lat", "mean"), centre_lon=("centre_lon", "mean"),
-        samples=("unique_id", "size"), pc1=("pc1", "mean"), pc2=("pc2", "mean"), pc3=("pc3", "mean"),
-    ).reset_index()
-    out.insert(0, "row", row)
-    return pa.Table.from_pandas(out[CELL_COLUMNS], preserve_index=False).cast(
-        pa.schema([CELLS_SCHEMA.field(c) for c in CELL_COLUMNS]))
+    names, inverse = np.unique(central.column("grid_cell").to_numpy(zero_copy_only=False).astype(str),
+                               return_inverse=True)
+    counts = np.bincount(inverse, minlength=len(names))
+
+    def mean(values: np.ndarray) -> np.ndarray:
+        return np.bincount(inverse, weights=values, minlength=len(names)) / counts
+
+    columns = {
+        "row": pa.array([row] * len(names), pa.string()), "grid_cell": pa.array(names, pa.string()),
+        "centre_lat": pa.array(mean(central.column("centre_lat").to_numpy())),
+        "centre_lon": pa.array(mean(central.column("centre_lon").to_numpy())),
+        "samples": pa.array(counts.astype(np.int64)),
+        **{f"pc{i + 1}": pa.array(mean(scores[:, i])) for i in range(3)},
+    }
+    return pa.table(columns, schema=pa.schema([CELLS_SCHEMA.field(c) for c in CELL_COLUMNS]))
 
 
 def _with_colours(table: pa.Table, basis: Basis) -> pa.Table:

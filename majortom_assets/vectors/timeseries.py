@@ -133,6 +133,40 @@ CELLS_DIR, FRAGMENTS_DIR = "cells", "fragments"
 TOP_PER_ROW = 10
 
 
+def row_pair_scores(table: pa.Table) -> tuple[pa.Table, int]:
+    """Per-fragment change scores of a row table (FRAGMENT_CHANGE_SCHEMA) and the number of series
+    with two dates or more, vectorised: one sort, then every consecutive pair of one series.
+
+    Same numbers as `change_scores(_group_series(table))` (same sort key, same float32 products
+    summed in float64), without a DataFrame per series, which dominated at archive scale.
+    """
+    if table.num_rows == 0:
+        return FRAGMENT_CHANGE_SCHEMA.empty_table(), 0
+    boxes = files.pixel_boxes(table.column("pixel_bbox"))
+    times = files.timestamps_ns(table.column("timestamp"))
+    cells = table.column("grid_cell").to_numpy(zero_copy_only=False)
+    products = table.column("product_id").to_numpy(zero_copy_only=False)
+    order = np.lexsort((times, boxes[:, 3], boxes[:, 2], boxes[:, 1], boxes[:, 0], cells))
+    c, b = cells[order], boxes[order]
+    same = (c[1:] == c[:-1]) & (b[1:] == b[:-1]).all(axis=1)
+    i, j = order[:-1][same], order[1:][same]
+    series = int(np.count_nonzero(np.r_[True, ~same[:-1]] & same)) if len(same) else 0
+    if len(i) == 0:
+        return FRAGMENT_CHANGE_SCHEMA.empty_table(), 0
+    emb = geoparquet.embedding_matrix(table.column("embedding"))
+    d = _cosine_distance(emb[i], emb[j])
+    ts = pa.timestamp("ns", tz="UTC")
+    out = pa.table({
+        "grid_cell": pa.array(cells[i], pa.string()),
+        "pixel_bbox": pa.FixedSizeListArray.from_arrays(pa.array(boxes[i].reshape(-1).astype(np.int32)), 4)
+        .cast(pa.list_(pa.int32())),
+        "t0": pa.array(times[i]).cast(ts), "t1": pa.array(times[j]).cast(ts),
+        "product_t0": pa.array(products[i], pa.string()), "product_t1": pa.array(products[j], pa.string()),
+        "cosine_distance": pa.array(np.asarray(d, np.float64)),
+    }, schema=FRAGMENT_CHANGE_SCHEMA)
+    return out, series
+
+
 def write_change_files(path: str | Path, cells_path: str | Path, fragments_path: str | Path,
                        top: int = TOP_PER_ROW) -> dict:
     """Change scores of one row partition: per cell into `cells_path`, per fragment into `fragments_path`.
@@ -146,14 +180,20 @@ def write_change_files(path: str | Path, cells_path: str | Path, fragments_path:
 
     path = Path(path)
     table = geoparquet.read_table(path, columns=_COLUMNS)
-    per_fragment, per_cell = change_scores(_group_series(table))
     cells = len(pc.unique(table.column("grid_cell")))
+    frag_table, series = row_pair_scores(table)
     del table
-    series = len(set(zip(per_fragment["grid_cell"], per_fragment["pixel_bbox"].map(tuple)))) if len(per_fragment) else 0
-    frag_table = (pa.Table.from_pandas(per_fragment[FRAGMENT_CHANGE_SCHEMA.names], schema=FRAGMENT_CHANGE_SCHEMA,
-                                       preserve_index=False) if len(per_fragment) else FRAGMENT_CHANGE_SCHEMA.empty_table())
-    cell_table = (pa.Table.from_pandas(per_cell[CELL_CHANGE_SCHEMA.names], schema=CELL_CHANGE_SCHEMA,
-                                       preserve_index=False) if len(per_cell) else CELL_CHANGE_SCHEMA.empty_table())
+    if frag_table.num_rows:
+        per_cell = (pd.DataFrame({"grid_cell": frag_table.column("grid_cell").to_numpy(zero_copy_only=False),
+                                  "t0": frag_table.column("t0").to_pandas(), "t1": frag_table.column("t1").to_pandas(),
+                                  "cosine_distance": frag_table.column("cosine_distance").to_numpy()})
+                    .groupby(["grid_cell", "t0", "t1"], sort=True)["cosine_distance"].agg(["mean", "size"])
+                    .reset_index().rename(columns={"mean": "cosine_distance", "size": "fragments"}))
+        cell_table = pa.Table.from_pandas(per_cell[CELL_CHANGE_SCHEMA.names], schema=CELL_CHANGE_SCHEMA,
+                                          preserve_index=False)
+    else:
+        per_cell = CELL_CHANGE_SCHEMA.empty_table().to_pandas()
+        cell_table = CELL_CHANGE_SCHEMA.empty_table()
     for target, data in ((Path(fragments_path), frag_table), (Path(cells_path), cell_table)):
         target.parent.mkdir(parents=True, exist_ok=True)
         with geoparquet.atomic_output(target) as tmp:
