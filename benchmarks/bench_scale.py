@@ -235,6 +235,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--expand-from", type=Path, help="a kept run's --root: derive this run's rows from its "
                     "rows with --dates acquisitions per cell (no footprint work); --vectors is then ignored")
     ap.add_argument("--dates", type=int, default=5, help="dates per cell with --expand-from")
+    ap.add_argument("--interleave", action="store_true", help="add the held row right after each product's "
+                    "full build (and take it out again), so every finished product has both numbers")
+    ap.add_argument("--only", action="append", default=[], help="product key to run (repeatable; default all)")
     args = ap.parse_args(argv)
     model = args.model or MODEL_FOR_DIM.get(args.dim)
     if model is None:
@@ -285,7 +288,7 @@ def main(argv=None) -> dict:
            "MAJORTOM_MODELS": model, "MAJORTOM_EXECUTOR": "in_process", "MAJORTOM_ENV": "local",
            "MAJORTOM_COLLECTION_S2L2A": str(root / "collections" / "Core-S2L2A")}
     (out / "dagster_home").mkdir(exist_ok=True)
-    steps = [k for k in product_keys(model) if k not in args.skip]
+    steps = [k for k in (args.only or product_keys(model)) if k not in args.skip]
     log = out / "dagster.log"
     if args.expand_from:
         from majortom_assets.grid import row_name
@@ -297,31 +300,38 @@ def main(argv=None) -> dict:
     else:
         _, _, _, held_labels = _write_row((str(root / "held"), model, held, sizes[held], args.dim, 0))
     write_labels(root, labels + held_labels)
-    summary["full"] = []
-    for key in steps:
-        summary["full"].append(run_step(key, env, log, args.step_timeout))
-        save()
-        print(json.dumps(summary["full"][-1]), flush=True)
-    summary["disk_bytes_after_full"] = du(root)
-    # add the held-back row (the largest), then every product again
     from majortom_assets.grid import row_name
 
     name = str(row_name(held))
-    src = root / "held" / "embeddings" / model / f"row={name}"
-    dst = root / "embeddings" / model / f"row={name}"
-    shutil.move(str(src), str(dst))
+    held_dir = root / "held" / "embeddings" / model / f"row={name}"
+    live_dir = root / "embeddings" / model / f"row={name}"
     import pyarrow.parquet as pq
 
     summary["rows"]["held_back_row"] = {"row": name, "samples": sizes[held] or None,
-                                        "vectors": pq.read_metadata(dst / "embeddings.parquet").num_rows}
-    summary["add_row"] = []
-    for key in steps:
+                                        "vectors": pq.read_metadata(held_dir / "embeddings.parquet").num_rows}
+    summary["full"], summary["add_row"] = [], []
+
+    def add_step(key: str) -> None:
         step = run_step(key, env, log, args.step_timeout)
         full = next(s for s in summary["full"] if s["step"] == key)
         step["ratio_to_full"] = round(step["seconds"] / full["seconds"], 4) if full["seconds"] else math.nan
         summary["add_row"].append(step)
         save()
         print(json.dumps(step), flush=True)
+
+    for key in steps:
+        summary["full"].append(run_step(key, env, log, args.step_timeout))
+        save()
+        print(json.dumps(summary["full"][-1]), flush=True)
+        if args.interleave:  # this product's add-row step now; the held row leaves again after it
+            shutil.move(str(held_dir), str(live_dir))
+            add_step(key)
+            shutil.move(str(live_dir), str(held_dir))
+    summary["disk_bytes_after_full"] = du(root)
+    if not args.interleave:  # add the held-back row (the largest), then every product again
+        shutil.move(str(held_dir), str(live_dir))
+        for key in steps:
+            add_step(key)
     summary["total_vectors"] = gen["vectors"] + summary["rows"]["held_back_row"]["vectors"]
     save()
     if not args.keep:
