@@ -183,6 +183,17 @@ def test_map_asset_embeds_preview_and_reports_key_numbers(tmp_path):
         assert md[f"explained variance ratio PC{i + 1}"].value == pytest.approx(expected[i], abs=1e-6)
     assert md["random weights"].value is True  # synthetic files are flagged as random weights
     assert "NOT FOR SCIENCE" in md["WARNING"].value
+    assert md["rows read"].value == 1 and md["basis refit"].value is True and md["refit reason"].value == "first build"
+
+    # materialised again: nothing changed, nothing read; then a new row: only it is read
+    again = dg.materialize([asset], resources={"storage": StorageResource(home=str(tmp_path))})
+    md = again.asset_materializations_for_node(asset.op.name)[0].metadata
+    assert md["rows read"].value == 0 and md["rows unchanged"].value == 1 and md["cells"].value == 3
+    testdata.write_synthetic(tmp_path, model=model, cells=testdata.cells_in_rows([-194], 3), dim=16, seed=1)
+    grown = dg.materialize([asset], resources={"storage": StorageResource(home=str(tmp_path))})
+    md = grown.asset_materializations_for_node(asset.op.name)[0].metadata
+    assert md["rows read"].value == 1 and md["rows unchanged"].value == 1 and md["cells"].value == 6
+    assert md["rows (files)"].value == 2
 
 
 def test_archive_scale_map_is_a_cog_with_each_cell_colour_at_its_pixel(tmp_path):

@@ -247,7 +247,7 @@ def update_pca_map(
     diff = rowcache.diff(current, state.get("rows", {}))
     if state and not diff.dirty:
         return {**state["result"], **diff.summary(), "rows read": 0, "rows projected": 0, "basis refit": False,
-                "refit reason": "nothing changed"}
+                "refit reason": "nothing changed", "basis drift (deg)": 0.0, "mean shift (sd)": 0.0}
 
     def central_file(row: str) -> Path:
         return central_dir / f"row={validate_row_key(row)}.parquet"
