@@ -128,13 +128,10 @@ class StorageLayout:
             raise ValueError("an evaluation needs at least one model")
         return self.report_dir(models[0]) if len(models) == 1 else self.comparison_report_dir()
 
-    def change_file(self, model: str) -> Path:
-        """Per-cell change scores between consecutive dates (`vectors/<model>/change`)."""
-        return self.inside("reports", _segment(model, "model"), "change.parquet")
-
-    def fragment_change_file(self, model: str) -> Path:
-        """Per-fragment change scores, the detail behind `change_file`."""
-        return self.inside("reports", _segment(model, "model"), "change_fragments.parquet")
+    def change_dir(self, model: str) -> Path:
+        """Change scores between consecutive dates (`vectors/<model>/change`), per row:
+        ``cells/row=<ROW>/cells.parquet`` and ``fragments/row=<ROW>/fragments.parquet``."""
+        return self.inside("reports", _segment(model, "model"), "change")
 
     def sql_database(self) -> Path:
         """The DuckDB catalog of views over every model's embeddings (`vectors/sql_catalog`)."""

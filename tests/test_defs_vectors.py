@@ -72,13 +72,17 @@ def test_change_scores_match_numpy_cosine_distances(run):
     expected = _numpy_change(home / "embeddings" / MODEL / f"row={ROW}" / "embeddings.parquet")
     assert expected and all(len(d) == 1 for d in expected.values())  # two dates -> one pair each
 
-    fragments = pq.read_table(home / "reports" / MODEL / "change_fragments.parquet").to_pandas()
+    change = home / "reports" / MODEL / "change"
+    assert sorted(p.relative_to(change).as_posix() for p in change.rglob("*.parquet")) == [
+        f"cells/row={ROW}/cells.parquet", f"fragments/row={ROW}/fragments.parquet"]  # one file per row
+    fragments = pq.read_table(change / "fragments").to_pandas()  # the hive dataset, row as a column
+    assert set(fragments["row"]) == {ROW}
     got = {(c, tuple(b)): d for c, b, d in zip(fragments["grid_cell"], fragments["pixel_bbox"],
                                                 fragments["cosine_distance"])}
     assert set(got) == set(expected)
     np.testing.assert_allclose([got[k] for k in expected], [d[0] for d in expected.values()], atol=1e-6)
 
-    cells = pq.read_table(home / "reports" / MODEL / "change.parquet").to_pandas()
+    cells = pq.read_table(change / "cells").to_pandas()
     assert sorted(cells["grid_cell"]) == sorted(CELLS)
     for cell in CELLS:
         want = [d[0] for (c, _), d in expected.items() if c == cell]
@@ -95,7 +99,8 @@ def test_change_scores_match_numpy_cosine_distances(run):
     table = md["most changed cells"].value
     assert "RANDOM" in table and table.index(top) < table.index(next(c for c in CELLS if c != top))
     assert md["random weights"].value is True
-    assert Path(md["path"].value) == home / "reports" / MODEL / "change.parquet"
+    assert Path(md["path"].value) == change
+    assert md["rows read"].value == 1 and md["rows unchanged"].value == 0
 
 
 def test_sql_catalog_reopens_with_views_matching_the_parquet_rows(run):

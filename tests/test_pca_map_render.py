@@ -183,3 +183,43 @@ def test_map_asset_embeds_preview_and_reports_key_numbers(tmp_path):
         assert md[f"explained variance ratio PC{i + 1}"].value == pytest.approx(expected[i], abs=1e-6)
     assert md["random weights"].value is True  # synthetic files are flagged as random weights
     assert "NOT FOR SCIENCE" in md["WARNING"].value
+    assert md["rows read"].value == 1 and md["basis refit"].value is True and md["refit reason"].value == "first build"
+
+    # materialised again: nothing changed, nothing read; then a new row: only it is read
+    again = dg.materialize([asset], resources={"storage": StorageResource(home=str(tmp_path))})
+    md = again.asset_materializations_for_node(asset.op.name)[0].metadata
+    assert md["rows read"].value == 0 and md["rows unchanged"].value == 1 and md["cells"].value == 3
+    testdata.write_synthetic(tmp_path, model=model, cells=testdata.cells_in_rows([-194], 3), dim=16, seed=1)
+    grown = dg.materialize([asset], resources={"storage": StorageResource(home=str(tmp_path))})
+    md = grown.asset_materializations_for_node(asset.op.name)[0].metadata
+    assert md["rows read"].value == 1 and md["rows unchanged"].value == 1 and md["cells"].value == 6
+    assert md["rows (files)"].value == 2
+
+
+def test_archive_scale_map_is_a_cog_with_each_cell_colour_at_its_pixel(tmp_path):
+    """0.05°/px Cloud-Optimised GeoTIFF: overviews, EPSG:4326, a cell's centre pixel holds its colour."""
+    import pyarrow.parquet as pq
+    import rasterio
+
+    from majortom_assets.vectors import pca_update, testdata
+
+    cells = testdata.cells_in_rows([-700, -10, 0, 11, 650], 8)  # polar rows: wide cells in longitude
+    data = testdata.write_synthetic(tmp_path, cells=cells, dim=16, seed=4)
+    result = pca_update.update_pca_map(data.paths, tmp_path / "map")
+    values = pq.read_table(tmp_path / "map" / "pca.parquet").to_pandas()
+    with rasterio.open(tmp_path / "map" / "pca.tif") as ds:
+        assert ds.driver == "GTiff" and ds.crs.to_epsg() == 4326
+        assert (ds.width, ds.height) == (7200, 3600) == tuple(result["tif size"])
+        assert ds.overviews(1) and ds.profile["tiled"] and ds.profile["blockxsize"] == 512
+        assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        for cell in values.itertuples():
+            row, col = ds.index(cell.centre_lon, cell.centre_lat)
+            pixel = ds.read(window=((row, row + 1), (col, col + 1)))[:, 0, 0]
+            assert tuple(pixel) == (cell.r, cell.g, cell.b, 255), cell.grid_cell
+        alpha = ds.read(4)
+        # a polar cell is many pixels wide (its true footprint), an equatorial one about two
+        painted = alpha > 0
+        assert painted.sum() > 4 * len(values)
+        assert not painted[:100].any() and not painted[-100:].any()  # nothing invented at the poles
+        small = ds.read(4, out_shape=(1, 360, 720))  # an overview level answers a zoomed-out read
+        assert small.any()

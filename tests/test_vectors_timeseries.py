@@ -69,3 +69,25 @@ def test_partition_scores_and_errors(data):
         timeseries.series_for(data.paths, "nonsense")
     with pytest.raises(KeyError, match="pixel_bbox"):
         timeseries.series_for(data.paths, data.labels.grid_cell[0], pixel_bbox=(1, 2, 3, 4))
+
+
+def test_row_files_match_the_series_computation(data, tmp_path):
+    """The vectorised per-row writer gives the same pairs and scores as series -> change_scores."""
+    path = data.paths[0]
+    want_fragments, want_cells = timeseries.partition_change_scores(path)
+    summary = timeseries.write_change_files(path, tmp_path / "cells.parquet", tmp_path / "fragments.parquet")
+    got = pq.read_table(tmp_path / "fragments.parquet").to_pandas()
+    assert len(got) == len(want_fragments) > 0
+    key = ["grid_cell", "t0", "box"]
+    for frame in (got, want_fragments):
+        frame["box"] = frame["pixel_bbox"].map(tuple)
+    merged = got.merge(want_fragments, on=key, suffixes=("", "_ref"))
+    assert len(merged) == len(got)
+    np.testing.assert_allclose(merged["cosine_distance"], merged["cosine_distance_ref"], rtol=0, atol=1e-12)
+    assert (merged["product_t1"] == merged["product_t1_ref"]).all() and (merged["t1"] == merged["t1_ref"]).all()
+    cells = pq.read_table(tmp_path / "cells.parquet").to_pandas()
+    np.testing.assert_allclose(cells.sort_values(["grid_cell", "t0"])["cosine_distance"],
+                               want_cells.sort_values(["grid_cell", "t0"])["cosine_distance"], atol=1e-12)
+    assert summary["pairs"] == len(want_cells) and summary["series"] == len(set(zip(got["grid_cell"], got["box"])))
+    assert summary["max"] == pytest.approx(want_cells["cosine_distance"].max())
+    assert summary["top"][0]["cosine_distance"] == pytest.approx(want_cells["cosine_distance"].max())

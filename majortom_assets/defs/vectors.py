@@ -4,10 +4,10 @@ change scores between dates; and one SQL catalog (DuckDB views) over every model
 Each is unpartitioned and reads every row file of the model's embeddings through `vectors/`.
 """
 
+import hashlib
 
 import dagster as dg
 import pandas as pd
-import pyarrow as pa
 
 from majortom_assets.defs import keys, presentation
 from majortom_assets.defs.resources import CollectionsResource, StorageResource, load_settings
@@ -86,15 +86,23 @@ def build_export_asset(model: str, precision: str) -> dg.AssetsDefinition:
 
         files = embedding_files(storage, model)
         out_dir = storage.layout.export_dir(model, precision)
-        manifest = quantize.export(files, out_dir, precision=precision, model=model)
+        # per-row files under one manifest: only rows whose embedding file changed are re-encoded
+        manifest = quantize.update_export(files, out_dir, precision=precision, model=model)
         flat = quantize.FlatEmbeddings.open(out_dir)  # proves the export memory-maps
+        update = manifest["update"]
         return dg.MaterializeResult(
             metadata={
                 "precision": precision,
                 "vectors": len(flat),
                 "dim": int(manifest["dim"]),
+                "dtype": manifest["dtype"],
+                "decoding": manifest["decoding"],
                 "matrix bytes": int(manifest["bytes"]),
                 "rows (files)": len(files),
+                "rows read": int(update["rows read"]),
+                "rows encoded": int(update["rows encoded"]),
+                "rows unchanged": int(update["rows unchanged"]),
+                **({"int8 scale refit": bool(update["scale refit"])} if precision == "int8" else {}),
                 **presentation.file_metadata(out_dir),
             }
         )
@@ -107,7 +115,8 @@ def build_evaluation_asset(model: str) -> dg.AssetsDefinition:
 
     @embeddings_product(
         model, keys.evaluation_key(model), group="vectors", kinds={"sklearn"},
-        description=f"Linear-probe evaluation of {model} embeddings against the collection's land-cover labels.",
+        description=f"k-NN and linear-probe evaluation of {model} embeddings against the collection's land-cover "
+        f"labels, on a fixed sample of at most {4_000:,} labelled cells (fragments cached per row).",
     )
     def _evaluation(
         context: dg.AssetExecutionContext, storage: StorageResource, collections: CollectionsResource
@@ -119,11 +128,21 @@ def build_evaluation_asset(model: str) -> dg.AssetsDefinition:
             labels = collections.open(spec.source).labels()
         except FileNotFoundError as exc:
             raise dg.Failure(str(exc), allow_retries=False) from None
+        out_dir = storage.layout.evaluation_dir([model])
+        cfg = evaluate.EvalConfig()
         try:
-            report = evaluate.evaluate({model: files}, labels)
+            by_cell = evaluate.labels_by_cell(labels, cfg.label_column)
+            # bounded by a fixed sample of labelled cells; their fragments are cached per row, so a
+            # new row is the only embedding file read (the CV itself costs O(sample))
+            sample = evaluate.sample_cells(by_cell.index, evaluate.MAX_CELLS)
+            identity = hashlib.sha256("\n".join(f"{c}={by_cell[c]}" for c in sample).encode()).hexdigest()[:16]
+            x, cells, update = evaluate.update_features(files, sample, out_dir / "features", cfg.fragments,
+                                                        identity=identity)
+            scores = evaluate.score_features(model, x, cells, by_cell, cfg)
         except ValueError as exc:  # too few labelled cells or classes for the folds
             raise dg.Failure(f"{model} evaluation: {exc}", allow_retries=False) from None
-        written = report.write(storage.layout.evaluation_dir([model]))
+        report = evaluate.EvalReport(cfg.model_dump(), [scores])
+        written = report.write(out_dir)
         markdown = report.to_markdown()
         if any_random_weights(files):
             from majortom_assets.geoparquet import RANDOM_WEIGHTS_WARNING
@@ -136,6 +155,9 @@ def build_evaluation_asset(model: str) -> dg.AssetsDefinition:
                 "json": dg.MetadataValue.path(written["json"]),
                 "markdown": dg.MetadataValue.path(written["markdown"]),
                 "labelled cells": int(labels["grid_cell"].nunique()),
+                "cells scored (sample)": len(sample),
+                "rows read": int(update["rows read"]),
+                "rows unchanged": int(update["rows unchanged"]),
             }
         )
 
@@ -145,25 +167,14 @@ def build_evaluation_asset(model: str) -> dg.AssetsDefinition:
 #: How many of the most-changed cells the change asset lists in the UI.
 TOP_CHANGED = 10
 
-_FRAGMENT_CHANGE_SCHEMA = pa.schema([
-    ("grid_cell", pa.string()), ("pixel_bbox", pa.list_(pa.int32())),
-    ("t0", pa.timestamp("ns", tz="UTC")), ("t1", pa.timestamp("ns", tz="UTC")),
-    ("product_t0", pa.string()), ("product_t1", pa.string()), ("cosine_distance", pa.float64()),
-])
-_CELL_CHANGE_SCHEMA = pa.schema([
-    ("grid_cell", pa.string()), ("t0", pa.timestamp("ns", tz="UTC")), ("t1", pa.timestamp("ns", tz="UTC")),
-    ("cosine_distance", pa.float64()), ("fragments", pa.int64()),
-])
 
-
-def _most_changed(per_cell: pd.DataFrame, limit: int = TOP_CHANGED) -> pd.DataFrame:
+def _most_changed(top: list[dict]) -> pd.DataFrame:
     """The UI table: highest change first, dates as days (the scores compare whole acquisitions)."""
-    top = per_cell.sort_values(["cosine_distance", "grid_cell"], ascending=[False, True]).head(limit)
     return pd.DataFrame({
-        "grid_cell": top["grid_cell"].to_numpy(),
-        "dates": [f"{a:%Y-%m-%d} → {b:%Y-%m-%d}" for a, b in zip(top["t0"], top["t1"])],
-        "score": top["cosine_distance"].round(4).to_numpy(),
-        "fragments": top["fragments"].to_numpy(),
+        "grid_cell": [t["grid_cell"] for t in top],
+        "dates": [f"{pd.Timestamp(t['t0']):%Y-%m-%d} → {pd.Timestamp(t['t1']):%Y-%m-%d}" for t in top],
+        "score": [round(t["cosine_distance"], 4) for t in top],
+        "fragments": [t["fragments"] for t in top],
     })
 
 
@@ -171,41 +182,21 @@ def build_change_asset(model: str) -> dg.AssetsDefinition:
     @embeddings_product(
         model, keys.change_key(model), group="vectors", kinds={"parquet"},
         description=f"Change scores of {model} embeddings: cosine distance between consecutive dates of "
-        "each fragment (same cell, same pixel box) and their mean per cell.",
+        "each fragment (same cell, same pixel box) and their mean per cell, one folder per grid row.",
     )
     def _change(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
-
-        from majortom_assets.geoparquet import atomic_output
         from majortom_assets.vectors import timeseries
 
         files = embedding_files(storage, model)
-        cell_path, fragment_path = storage.layout.change_file(model), storage.layout.fragment_change_file(model)
-        cell_frames, cells, series = [], 0, 0
-        # Row partitions hold disjoint cells, so each partition's series are complete on their own:
-        # memory stays one partition's embeddings, and counts add up across partitions.
-        with atomic_output(cell_path) as cell_tmp, atomic_output(fragment_path) as fragment_tmp:
-            with pq.ParquetWriter(fragment_tmp, _FRAGMENT_CHANGE_SCHEMA) as writer:
-                for path in files:
-                    cells += len(pc.unique(pq.read_table(path, columns=["grid_cell"]).column("grid_cell")))
-                    per_fragment, per_cell = timeseries.partition_change_scores(path)
-                    if per_fragment.empty:
-                        continue
-                    boxes = per_fragment["pixel_bbox"].map(tuple)
-                    series += len(set(zip(per_fragment["grid_cell"], boxes)))
-                    writer.write_table(pa.Table.from_pandas(
-                        per_fragment[_FRAGMENT_CHANGE_SCHEMA.names], schema=_FRAGMENT_CHANGE_SCHEMA,
-                        preserve_index=False))
-                    cell_frames.append(per_cell)
-            per_cell = (pd.concat(cell_frames, ignore_index=True) if cell_frames
-                        else _CELL_CHANGE_SCHEMA.empty_table().to_pandas())
-            pq.write_table(pa.Table.from_pandas(per_cell[_CELL_CHANGE_SCHEMA.names], schema=_CELL_CHANGE_SCHEMA,
-                                                preserve_index=False), cell_tmp)
-        scores = per_cell["cosine_distance"].to_numpy(dtype=float)
-        random_weights = any_random_weights(files)
-        table = presentation.markdown_table(_most_changed(per_cell), limit=TOP_CHANGED)
-        if not len(per_cell):
+        out_dir = storage.layout.change_dir(model)
+        # Rows hold disjoint cells, so each row's scores are complete on their own: only rows whose
+        # embedding file changed are re-read, the totals add up from the per-row summaries.
+        result = timeseries.update_change(files, out_dir)
+        totals = timeseries.change_totals(result["summaries"], TOP_CHANGED)
+        update = result["update"]
+        random_weights = bool(result["random_weights"])
+        table = presentation.markdown_table(_most_changed(totals["top"]), limit=TOP_CHANGED)
+        if not totals["pairs"]:
             table = "_no cell has two dates yet: change needs at least two acquisitions of a cell_"
         if random_weights:
             from majortom_assets.geoparquet import RANDOM_WEIGHTS_WARNING
@@ -214,16 +205,20 @@ def build_change_asset(model: str) -> dg.AssetsDefinition:
         return dg.MaterializeResult(
             metadata={
                 "most changed cells": dg.MetadataValue.md(table),
-                "cells": cells,
-                "cells with >=2 dates": int(per_cell["grid_cell"].nunique()),
-                "date pairs (cell)": len(per_cell),
-                "fragment series (>=2 dates)": series,
-                "mean change": float(scores.mean()) if len(scores) else float("nan"),
-                "max change": float(scores.max()) if len(scores) else float("nan"),
+                "cells": int(totals["cells"]),
+                "cells with >=2 dates": int(totals["cells_with_pairs"]),
+                "date pairs (cell)": int(totals["pairs"]),
+                "fragment series (>=2 dates)": int(totals["series"]),
+                "mean change": float(totals["mean"]),
+                "max change": float(totals["max"]),
                 "rows (files)": len(files),
+                "rows read": int(update["rows read"]),
+                "rows unchanged": int(update["rows unchanged"]),
                 "random weights": random_weights,
-                **presentation.file_metadata(cell_path),
-                **presentation.file_metadata(fragment_path, label="fragments path"),
+                "read with": dg.MetadataValue.md(
+                    f"`pyarrow.parquet.read_table('{out_dir / timeseries.CELLS_DIR}')` or DuckDB "
+                    f"`read_parquet('{out_dir / timeseries.CELLS_DIR}/*/*.parquet', hive_partitioning = true)`"),
+                **presentation.file_metadata(out_dir),
             }
         )
 

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedGroupKFold
@@ -120,6 +121,12 @@ def evaluate_model(model: str, paths, labels: pd.DataFrame, config: EvalConfig |
     cfg = config or EvalConfig()
     by_cell = labels_by_cell(labels, cfg.label_column)
     x, cells = labelled_features(paths, by_cell.index, cfg.fragments)
+    return score_features(model, x, cells, by_cell, cfg)
+
+
+def score_features(model: str, x: np.ndarray, cells: np.ndarray, by_cell: pd.Series,
+                   cfg: EvalConfig) -> ModelScores:
+    """k-NN and linear-probe scores (and the shuffled control) of features already gathered."""
     y = by_cell.reindex(cells).to_numpy()
     res = _cross_validate(x, y, cells, cfg)
     _, counts = np.unique(y, return_counts=True)
@@ -184,3 +191,68 @@ def evaluate(paths_by_model: Mapping[str, Sequence], labels: pd.DataFrame, folds
     if not paths_by_model:
         raise ValueError("no models to evaluate")
     return EvalReport(cfg.model_dump(), [evaluate_model(m, p, labels, cfg) for m, p in paths_by_model.items()])
+
+
+# ------------------------------------------------------------- bounded, row-incremental evaluation
+#: Labelled cells the archive-scale evaluation scores at most: a deterministic sample (by a hash of
+#: the cell name, so it is the same sample whatever the row order and stable as rows are added).
+MAX_CELLS = 4_000
+
+
+def sample_cells(cells: Sequence[str], max_cells: int = MAX_CELLS) -> np.ndarray:
+    """The `max_cells` cells with the smallest hash of their name (all of them if fewer)."""
+    import hashlib
+
+    cells = np.asarray(sorted(set(map(str, cells))), dtype=object)
+    if len(cells) <= max_cells:
+        return cells
+    keys = np.array([int.from_bytes(hashlib.blake2b(c.encode(), digest_size=8).digest(), "big") for c in cells],
+                    dtype=np.uint64)
+    return np.sort(cells[np.argsort(keys, kind="stable")[:max_cells]])
+
+
+def update_features(paths, cells: Sequence[str], cache_dir: str | os.PathLike, fragments: str = "all",
+                    *, identity: str = "") -> tuple[np.ndarray, np.ndarray, dict]:
+    """(embeddings, grid_cell, update summary) of the given cells, cached per row: O(changed rows).
+
+    Each row's fragments of `cells` are kept in ``cache_dir/row=<ROW>.parquet``; only rows whose
+    embedding file changed (`rowcache`) are read again. `identity` names the cell set and options
+    (e.g. a digest of the labels and sample size): when it changes every row is read again.
+    """
+    from majortom_assets.layout import validate_row_key
+    from majortom_assets.vectors import rowcache
+
+    cache = Path(cache_dir)
+    state_path = cache / "state.json"
+    state = rowcache.load_state(state_path)
+    if state.get("identity") != identity or state.get("fragments") != fragments:
+        state = {}
+    current = rowcache.current_rows(paths)
+    diff = rowcache.diff(current, state.get("rows", {}))
+    cache.mkdir(parents=True, exist_ok=True)
+
+    def part(row: str) -> Path:
+        return cache / f"row={validate_row_key(row)}.parquet"
+
+    for row in diff.removed:
+        part(row).unlink(missing_ok=True)
+    for row in diff.to_read:
+        try:
+            x, c = labelled_features([current[row][0]], cells, fragments)
+        except ValueError:  # no labelled cell in this row
+            x, c = np.zeros((0, files.file_dim(current[row][0])), np.float32), np.zeros(0, dtype=object)
+        table = pa.table({"grid_cell": pa.array(c, pa.string()),
+                          "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])})
+        with geoparquet.atomic_output(part(row)) as tmp:
+            pq.write_table(table, tmp)
+    xs, cs = [], []
+    for row in sorted(current, key=rowcache._row_order):
+        table = pq.read_table(part(row))
+        if table.num_rows:
+            xs.append(geoparquet.embedding_matrix(table.column("embedding")))
+            cs.append(table.column("grid_cell").to_numpy(zero_copy_only=False))
+    rowcache.save_state(state_path, {"identity": identity, "fragments": fragments,
+                                     "rows": {r: current[r][1] for r in current}})
+    if not xs:
+        raise ValueError("none of the labelled cells has embeddings in the given files")
+    return np.concatenate(xs), np.concatenate(cs), {**diff.summary(), "rows read": len(diff.to_read)}

@@ -84,6 +84,26 @@ class PCAMoments:
         scatter = self.scatter + other.scatter + np.outer(delta, delta) * (self.count * other.count / n)
         return PCAMoments(n, mean, scatter)
 
+    def subtract(self, part: PCAMoments) -> PCAMoments:
+        """The moments of this set without `part` (which must have been merged into it).
+
+        The exact inverse of `merge`, so a global fit can drop a replaced or removed row in O(dim²)
+        instead of re-merging every other row.
+        """
+        if part.dim != self.dim:
+            raise ValueError(f"cannot subtract moments of dimension {part.dim} from {self.dim}")
+        if part.count == 0:
+            return self
+        if part.count > self.count:
+            raise ValueError(f"cannot subtract {part.count} vectors from a set of {self.count}")
+        n = self.count - part.count
+        if n == 0:
+            return PCAMoments.empty(self.dim)
+        mean = (self.count * self.mean - part.count * part.mean) / n
+        delta = part.mean - mean
+        scatter = self.scatter - part.scatter - np.outer(delta, delta) * (n * part.count / self.count)
+        return PCAMoments(n, mean, scatter)
+
     def covariance(self) -> np.ndarray:
         if self.count < 2:
             raise ValueError(f"PCA needs at least 2 vectors, got {self.count}")

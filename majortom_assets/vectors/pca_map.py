@@ -27,12 +27,14 @@ _KM_PER_DEG = EARTH_RADIUS_KM * math.pi / 180.0
 _MAX_RECT_PIXELS = 1 << 22  # pixels painted per vectorised batch (bounds temporary memory)
 
 
-def scores_to_rgb(scores: np.ndarray, low_pct: float = 2.0, high_pct: float = 98.0) -> np.ndarray:
-    """(N, 3) scores -> (N, 3) uint8.
+def colour_scale(scores: np.ndarray, low_pct: float = 2.0, high_pct: float = 98.0
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(lo, hi, gain) per component that `apply_colour_scale` turns scores into colours with.
 
     Each component is scaled robustly (its [low_pct, high_pct] percentile range maps to [0, 1], so
-    a few outliers cannot wash out the map), then every channel is scaled so its mean intensity
+    a few outliers cannot wash out the map), then every channel gets a gain so its mean intensity
     equals the mean over the three channels, as the paper does so no colour dominates the map.
+    Kept apart from applying it so a global map can fix the scale once and colour rows later.
     """
     s = np.asarray(scores, dtype=np.float64)
     if s.ndim != 2 or s.shape[1] != 3:
@@ -40,16 +42,36 @@ def scores_to_rgb(scores: np.ndarray, low_pct: float = 2.0, high_pct: float = 98
     if not 0 <= low_pct < high_pct <= 100:
         raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {low_pct}, {high_pct}")
     if len(s) == 0:
-        return np.zeros((0, 3), np.uint8)
+        return np.zeros(3), np.ones(3), np.ones(3)
     lo, hi = np.percentile(s, [low_pct, high_pct], axis=0)
-    span = np.where(hi > lo, hi - lo, 1.0)
-    v = np.clip((s - lo) / span, 0.0, 1.0)
-    v[:, hi <= lo] = 0.5
+    v = _unit(s, lo, hi)
     means = v.mean(axis=0)
     target = means.mean()
     gain = np.divide(target, means, out=np.ones(3), where=means > 0)
-    v = np.clip(v * gain, 0.0, 1.0)
+    return lo, hi, gain
+
+
+def _unit(s: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    span = np.where(hi > lo, hi - lo, 1.0)
+    v = np.clip((s - lo) / span, 0.0, 1.0)
+    v[:, hi <= lo] = 0.5
+    return v
+
+
+def apply_colour_scale(scores: np.ndarray, lo: np.ndarray, hi: np.ndarray, gain: np.ndarray) -> np.ndarray:
+    """(N, 3) scores -> (N, 3) uint8 with a fixed scale from `colour_scale`."""
+    s = np.asarray(scores, dtype=np.float64).reshape(-1, 3)
+    v = np.clip(_unit(s, np.asarray(lo, np.float64), np.asarray(hi, np.float64)) * np.asarray(gain), 0.0, 1.0)
     return np.rint(v * 255.0).astype(np.uint8)
+
+
+def scores_to_rgb(scores: np.ndarray, low_pct: float = 2.0, high_pct: float = 98.0) -> np.ndarray:
+    """(N, 3) scores -> (N, 3) uint8, scaled by their own `colour_scale`."""
+    s = np.asarray(scores, dtype=np.float64)
+    lo, hi, gain = colour_scale(s, low_pct, high_pct)
+    if len(s) == 0:
+        return np.zeros((0, 3), np.uint8)
+    return apply_colour_scale(s, lo, hi, gain)
 
 
 def lonlat_to_pixel(lon: np.ndarray, lat: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
@@ -456,3 +478,78 @@ def write_points_geoparquet(frame, path: Path) -> Path:
     with geoparquet.atomic_output(path) as tmp:
         gdf.to_parquet(tmp, index=False, schema_version="1.1.0", write_covering_bbox=False)
     return path
+
+
+#: Degrees per pixel of the archive-scale raster: 7,200 × 3,600, so a 10 km cell (0.09° of
+#: latitude) covers about two pixels in latitude and more towards the poles.
+COG_DEG_PER_PIXEL = 0.05
+
+
+class CellRaster:
+    """An EPSG:4326 world raster of cell colours painted batch by batch (one grid row at a time).
+
+    Memory is the image (4 bytes per pixel: 104 MB at 0.05°), never the number of cells: callers
+    stream cells in, each painted as its true 10 km footprint (at least one pixel). Paint every
+    batch with `paint`, then every batch again with `paint(..., cores=True)`: the second pass puts
+    each cell's colour on the pixel holding its centre, so no neighbour's footprint can hide it.
+    """
+
+    def __init__(self, deg_per_pixel: float = COG_DEG_PER_PIXEL, spacing_km: float = 10.0) -> None:
+        if not 0 < deg_per_pixel <= 10:
+            raise ValueError(f"deg_per_pixel must be in (0, 10], got {deg_per_pixel}")
+        self.deg = float(deg_per_pixel)
+        self.width, self.height = round(360.0 / self.deg), round(180.0 / self.deg)
+        self.spacing_km = spacing_km
+        self.image = np.zeros((self.height, self.width, 3), np.uint8)
+        self.mask = np.zeros((self.height, self.width), bool)
+        self.cells = 0
+
+    def pixel(self, lon, lat) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y) of the pixel holding each point (the GeoTIFF's own convention)."""
+        return lonlat_to_pixel(lon, lat, self.width, self.height)
+
+    def paint(self, lon: np.ndarray, lat: np.ndarray, rgb: np.ndarray, cores: bool = False) -> None:
+        lon = np.asarray(lon, dtype=np.float64)
+        lat = np.asarray(lat, dtype=np.float64)
+        if len(lon) == 0:
+            return
+        px, py = self.pixel(lon, lat)
+        if cores:
+            self.image[py, px] = rgb
+            self.mask[py, px] = True
+            return
+        self.cells += len(lon)
+        half_w, half_h = cell_half_extent_deg(lat, self.spacing_km)
+        x0 = np.floor((lon - half_w + 180.0) / self.deg).astype(np.int64)
+        x1 = np.maximum(np.ceil((lon + half_w + 180.0) / self.deg).astype(np.int64), x0 + 1)
+        y0 = np.floor((90.0 - lat - half_h) / self.deg).astype(np.int64)
+        y1 = np.maximum(np.ceil((90.0 - lat + half_h) / self.deg).astype(np.int64), y0 + 1)
+        _fill_rects(self.image, x0, y0, x1, y1, np.asarray(rgb, np.uint8), True, self.mask)
+
+    def write_cog(self, path: Path, resampling: str = "average") -> Path:
+        """Cloud-Optimised GeoTIFF (RGBA, deflate, 512 px tiles, internal overviews), atomically.
+
+        Alpha is 255 on painted pixels and 0 elsewhere, so GDAL/QGIS show only cells; overviews
+        are built by GDAL's COG driver, which GDAL and QGIS read without building their own.
+        """
+        import rasterio
+        from affine import Affine
+        from rasterio.io import MemoryFile
+        from rasterio.shutil import copy as rio_copy
+
+        profile = {
+            "driver": "GTiff", "width": self.width, "height": self.height, "count": 4, "dtype": "uint8",
+            "crs": "EPSG:4326", "transform": Affine(self.deg, 0.0, -180.0, 0.0, -self.deg, 90.0),
+            "tiled": True, "blockxsize": 512, "blockysize": 512, "photometric": "RGB",
+        }
+        with geoparquet.atomic_output(Path(path)) as tmp, MemoryFile() as mem:
+            with mem.open(**profile) as dst:
+                for band in range(3):
+                    dst.write(np.where(self.mask, self.image[..., band], 0).astype(np.uint8), band + 1)
+                dst.write(np.where(self.mask, 255, 0).astype(np.uint8), 4)
+                dst.colorinterp = [rasterio.enums.ColorInterp.red, rasterio.enums.ColorInterp.green,
+                                   rasterio.enums.ColorInterp.blue, rasterio.enums.ColorInterp.alpha]
+            with mem.open() as src:
+                rio_copy(src, str(tmp), driver="COG", compress="DEFLATE", blocksize=512,
+                         overview_resampling=resampling, overviews="AUTO")
+        return Path(path)

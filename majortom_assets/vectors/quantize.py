@@ -35,7 +35,8 @@ FORMAT = "majortom-flat-embeddings/1"
 MANIFEST_FILE = "manifest.json"
 METADATA_FILE = "metadata.parquet"
 META_COLUMNS = ["unique_id", "grid_cell", "grid_row_u", "product_id", "timestamp", "centre_lat",
-                "centre_lon", "pixel_bbox"]
+                "centre_lon", "pixel_bbox", "geometry"]
+DECODING = "x = q * scale + offset (per dimension, in float32)"
 _FP16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -56,6 +57,31 @@ def _ranges(paths: list[Path], dim: int, batch_rows: int) -> tuple[np.ndarray, n
                 np.minimum(lo, x.min(axis=0), out=lo)
                 np.maximum(hi, x.max(axis=0), out=hi)
     return lo, hi
+
+
+def geo_metadata_table(table: pa.Table) -> pa.Table:
+    """`table` whose ``geo`` key describes exactly the columns it has.
+
+    Metadata copied from a Table 2 file says its geometry is a ``bbox``-covered column; once
+    columns are selected that key may name columns that are gone (geopandas then refuses the
+    file: "No geometry columns are included"). With a ``geometry`` column the key is kept with
+    only that column and no covering, so the file is real GeoParquet; without one it is dropped.
+    """
+    meta = dict(table.schema.metadata or {})
+    geo = meta.pop(b"geo", None)
+    if geo is not None and "geometry" in table.column_names:
+        doc = json.loads(geo)
+        column = dict(doc.get("columns", {}).get("geometry", {}))
+        column.pop("covering", None)
+        meta[b"geo"] = json.dumps({**doc, "primary_column": "geometry", "columns": {"geometry": column}}).encode()
+    return table.replace_schema_metadata(meta)
+
+
+def _encoding_notes(precision: str) -> dict:
+    """How to read the matrix without this package (issue 10 §2): dtype, byte order, formula."""
+    notes = {"byte_order": "little-endian" if precision != "int8" else "n/a (1 byte)"}
+    notes["decoding"] = DECODING if precision == "int8" else f"x = float32(q) ({precision} values as stored)"
+    return notes
 
 
 def int8_params(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -127,12 +153,13 @@ def export(
                     bar.update(len(x))
                 sources.append({"path": str(path.resolve()), "rows": rows, "sha256": files.sha256_file(path)})
         bar.close()
-        pq.write_table(pa.concat_tables(meta_parts), tmp / METADATA_FILE, compression="zstd")
+        pq.write_table(geo_metadata_table(pa.concat_tables(meta_parts)), tmp / METADATA_FILE, compression="zstd")
         manifest = {
             "format": FORMAT, "model": model, "precision": precision, "dtype": np.dtype(
                 {"float32": "<f4", "float16": "<f2", "int8": "i1"}[precision]).str,
             "dim": dim, "count": n, "order": "C", "file": _bin_name(precision),
-            "bytes": n * dim * np.dtype(precision).itemsize, "sources": sources, **extra,
+            "bytes": n * dim * np.dtype(precision).itemsize, "sources": sources,
+            **_encoding_notes(precision), **extra,
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
     return manifest
@@ -154,6 +181,8 @@ class FlatEmbeddings:
             raise FileNotFoundError(f"{d} is not an embedding export (no {MANIFEST_FILE})")
         manifest = json.loads((d / MANIFEST_FILE).read_text())
         _check_precision(manifest.get("precision", "?"))
+        if manifest.get("layout") == "rows":
+            return cls._open_rows(d, manifest)
         path = d / manifest["file"]
         shape = (int(manifest["count"]), int(manifest["dim"]))
         expected = shape[0] * shape[1] * np.dtype(manifest["dtype"]).itemsize
@@ -163,8 +192,28 @@ class FlatEmbeddings:
             if shape[0] else np.zeros(shape, np.dtype(manifest["dtype"]))
         return cls(d, manifest, codes)
 
+    @classmethod
+    def _open_rows(cls, d: Path, manifest: dict) -> FlatEmbeddings:
+        dtype, dim = np.dtype(manifest["dtype"]), int(manifest["dim"])
+        parts = []
+        for entry in manifest["rows"]:
+            path = d / entry["file"]
+            expected = int(entry["count"]) * dim * dtype.itemsize
+            if path.stat().st_size != expected:
+                raise ValueError(f"{path}: {path.stat().st_size} bytes, manifest implies {expected}")
+            parts.append(np.memmap(path, dtype=dtype, mode="r", shape=(int(entry["count"]), dim))
+                         if entry["count"] else np.zeros((0, dim), dtype))
+        return cls(d, manifest, _RowCodes(parts, dtype, dim))
+
     def __len__(self) -> int:
         return self.codes.shape[0]
+
+    @property
+    def sources(self) -> list[dict]:
+        """(path, rows, sha256) of each source file in matrix order, for either layout."""
+        if self.manifest.get("layout") == "rows":
+            return [{"path": e["path"], "rows": e["count"], "sha256": e["sha256"]} for e in self.manifest["rows"]]
+        return self.manifest["sources"]
 
     @property
     def dim(self) -> int:
@@ -178,6 +227,9 @@ class FlatEmbeddings:
             yield start, self[start:start + batch_rows]
 
     def metadata(self, columns=None) -> pa.Table:
+        if self.manifest.get("layout") == "rows":
+            parts = [pq.read_table(self.directory / e["metadata"], columns=columns) for e in self.manifest["rows"]]
+            return pa.concat_tables(parts) if parts else pa.table({})
         return pq.read_table(self.directory / METADATA_FILE, columns=columns)
 
 
@@ -197,7 +249,7 @@ def verify_export(directory: str | os.PathLike, check_sha256: bool = True,
     ids = flat.metadata(["unique_id"]).column("unique_id").to_numpy(zero_copy_only=False)
     out = ExportCheck()
     start = 0
-    for src in flat.manifest["sources"]:
+    for src in flat.sources:
         path = Path(src["path"])
         if check_sha256 and files.sha256_file(path) != src["sha256"]:
             out.problems.append(f"{path}: sha256 differs from the export's manifest (source changed)")
@@ -225,3 +277,210 @@ def verify_export(directory: str | os.PathLike, check_sha256: bool = True,
         out.problems.append(f"sources hold {start} rows, the export {len(flat)}")
     out.ok = not out.problems
     return out
+
+
+# ------------------------------------------------------------------ per-row exports (incremental)
+ROWS_FORMAT = "majortom-flat-embeddings-rows/1"
+#: int8 ranges are widened by this fraction of their span on each side when fitted, so rows added
+#: later mostly fall inside them and are encoded without touching any other row.
+RANGE_MARGIN = 0.05
+
+
+def _row_dir(out: Path, row: str) -> Path:
+    from majortom_assets.layout import validate_row_key
+
+    return out / "rows" / f"row={validate_row_key(row)}"
+
+
+def _file_range(path: Path, dim: int, batch_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    return _ranges([path], dim, batch_rows)
+
+
+def _encode_row(path: Path, out: Path, row: str, tag: str, precision: str, scale, offset,
+                batch_rows: int) -> dict:
+    """One row's codes and GeoParquet metadata under versioned names (readers of the previous
+    manifest keep reading the previous files until the new manifest replaces it)."""
+    from majortom_assets import geoparquet
+
+    d = _row_dir(out, row)
+    d.mkdir(parents=True, exist_ok=True)
+    bin_path, meta_path = d / f"embeddings-{tag}.{precision}.bin", d / f"metadata-{tag}.parquet"
+    parts, rows = [], 0
+    with geoparquet.atomic_output(bin_path) as tmp, open(tmp, "wb") as fh:
+        for offset_rows, x, meta in files.iter_embeddings(path, batch_rows, META_COLUMNS):
+            fh.write(encode(x, precision, scale, offset, where=str(path)).tobytes())
+            parts.append(meta.append_column("source_row", pa.array(
+                np.arange(offset_rows, offset_rows + len(x), dtype=np.int64))))
+            rows += len(x)
+    table = pa.concat_tables(parts) if parts else pa.table({})
+    with geoparquet.atomic_output(meta_path) as tmp:
+        pq.write_table(geo_metadata_table(table), tmp, compression="zstd")
+    return {"row": row, "count": rows, "file": str(bin_path.relative_to(out)),
+            "metadata": str(meta_path.relative_to(out)), "path": str(path.resolve()),
+            "sha256": files.sha256_file(path)}
+
+
+def update_export(
+    paths, out_dir: str | os.PathLike, precision: Precision = "float16", model: str | None = None, *,
+    refresh: bool = False, range_margin: float = RANGE_MARGIN, batch_rows: int = files.DEFAULT_BATCH_ROWS,
+) -> dict:
+    """Bring a per-row export up to date with the row files `paths`: O(changed rows).
+
+    Layout: ``manifest.json`` (format, dtype, byte order, decoding formula, int8 scale/offset, and
+    per row its code file, metadata file, count and first matrix row) and ``rows/row=<ROW>/`` with
+    ``embeddings-<tag>.<precision>.bin`` (C-order (count, dim), no header) and
+    ``metadata-<tag>.parquet`` (GeoParquet, same row order). Rows whose embedding file kept its
+    stamp (`rowcache`) are not opened. int8 scale/offset are fitted once from the per-row ranges
+    (widened by `range_margin`); a new row inside them is encoded alone, one outside them refits
+    the scale from the recorded ranges and re-encodes every row (reported as such).
+    Returns the manifest plus what the update did. `FlatEmbeddings.open` reads it as one matrix.
+    """
+    from majortom_assets.vectors import rowcache
+
+    _check_precision(precision)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path, ranges_path = out / "state.json", out / "ranges.npz"
+    state = {} if refresh else rowcache.load_state(state_path)
+    if state and (state.get("precision") != precision or not (out / MANIFEST_FILE).is_file()):
+        state = {}
+    current = rowcache.current_rows(paths)
+    if not current:
+        raise ValueError("no embedding files given")
+    diff = rowcache.diff(current, state.get("rows", {}))
+    entries: dict = {e["row"]: e for e in state.get("entries", [])}
+    ranges: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if precision == "int8" and ranges_path.is_file() and state:
+        with np.load(ranges_path, allow_pickle=False) as z:
+            ranges = {str(r): (lo, hi) for r, lo, hi in zip(z["rows"], z["lo"], z["hi"])}
+    dim = state.get("dim")
+    for row in diff.to_read:
+        d = files.file_dim(current[row][0])
+        if dim is not None and d != dim:
+            raise ValueError(f"{current[row][0]}: embeddings of dimension {d}, the export's other rows have {dim}")
+        dim = d
+    for row in diff.removed:
+        entries.pop(row, None)
+        ranges.pop(row, None)
+    scale = offset = None
+    reencode = list(diff.to_read)
+    refit = False
+    if precision == "int8":
+        for row in diff.to_read:
+            ranges[row] = _file_range(current[row][0], dim, batch_rows)
+        lo = np.min([r[0] for r in ranges.values()], axis=0)
+        hi = np.max([r[1] for r in ranges.values()], axis=0)
+        fitted = state.get("int8_range")
+        if fitted is not None:
+            flo, fhi = np.asarray(fitted[0], np.float32), np.asarray(fitted[1], np.float32)
+        refit = fitted is None or bool((lo < flo).any() or (hi > fhi).any())
+        if refit:
+            span = (hi.astype(np.float64) - lo) * range_margin
+            flo, fhi = (lo - span).astype(np.float32), (hi + span).astype(np.float32)
+            reencode = sorted(current, key=rowcache._row_order)
+        scale, offset = int8_params(flo, fhi)
+    written = []
+    for row in reencode:
+        tag = hashlib_tag(current[row][1], precision, scale)
+        entries[row] = _encode_row(current[row][0], out, row, tag, precision, scale, offset, batch_rows)
+        written.append(row)
+    ordered = [entries[r] for r in sorted(current, key=rowcache._row_order)]
+    start = 0
+    for e in ordered:
+        e["start"] = start
+        start += e["count"]
+    extra: dict = {}
+    if precision == "int8":
+        extra = {"scale": scale.tolist(), "offset": offset.tolist(), "max_abs_error": (scale / 2).tolist(),
+                 "range_margin": range_margin}
+    elif precision == "float16":
+        extra = {"relative_error_bound": 2.0 ** -11, "absolute_error_floor": 2.0 ** -25}
+    manifest = {
+        "format": ROWS_FORMAT, "layout": "rows", "model": model, "precision": precision,
+        "dtype": np.dtype({"float32": "<f4", "float16": "<f2", "int8": "i1"}[precision]).str,
+        "dim": dim, "count": start, "order": "C", "bytes": start * dim * np.dtype(precision).itemsize,
+        "rows": ordered, **_encoding_notes(precision), **extra,
+    }
+    from majortom_assets import geoparquet
+
+    with geoparquet.atomic_output(out / MANIFEST_FILE) as tmp:
+        Path(tmp).write_text(json.dumps(manifest, indent=1))
+    if precision == "int8":
+        names = sorted(ranges, key=rowcache._row_order)
+        with geoparquet.atomic_output(ranges_path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, rows=np.array(names), lo=np.stack([ranges[r][0] for r in names]),
+                     hi=np.stack([ranges[r][1] for r in names]))
+    rowcache.save_state(state_path, {
+        "precision": precision, "dim": dim, "rows": {r: current[r][1] for r in current}, "entries": ordered,
+        "int8_range": [flo.tolist(), fhi.tolist()] if precision == "int8" else None,
+    })
+    _remove_unlisted(out, ordered)
+    return {**manifest, "update": {**diff.summary(), "rows read": len(diff.to_read), "rows encoded": len(written),
+                                   "scale refit": refit}}
+
+
+def hashlib_tag(stamp: str, precision: str, scale) -> str:
+    """Version tag of a row's files: its source stamp and (int8) the scale it was encoded with."""
+    import hashlib
+
+    h = hashlib.sha256(f"{stamp}|{precision}".encode())
+    if scale is not None:
+        h.update(np.ascontiguousarray(scale, np.float32).tobytes())
+    return h.hexdigest()[:12]
+
+
+def _remove_unlisted(out: Path, entries: list[dict]) -> None:
+    """Delete row files the manifest no longer names (after it was replaced), and empty row dirs."""
+    keep = {out / e["file"] for e in entries} | {out / e["metadata"] for e in entries}
+    base = out / "rows"
+    if not base.is_dir():
+        return
+    for d in base.iterdir():
+        for f in d.iterdir():
+            if f.is_file() and f not in keep and not f.name.startswith("."):
+                f.unlink()
+        if d.is_dir() and not any(d.iterdir()):
+            d.rmdir()
+
+
+class _RowCodes:
+    """Row-wise concatenation of per-row memmaps that indexes like one (count, dim) array."""
+
+    def __init__(self, parts: list[np.ndarray], dtype: np.dtype, dim: int) -> None:
+        self.parts, self.dtype = parts, dtype
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+        self.shape = (int(self.starts[-1]), dim)
+        self.itemsize = dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _rows(self, idx: np.ndarray) -> np.ndarray:
+        out = np.empty((len(idx), self.shape[1]), self.dtype)
+        part = np.searchsorted(self.starts, idx, side="right") - 1
+        for p in np.unique(part):
+            sel = part == p
+            out[sel] = self.parts[p][idx[sel] - self.starts[p]]
+        return out
+
+    def __getitem__(self, index) -> np.ndarray:
+        if isinstance(index, tuple):
+            return self[index[0]][(slice(None), *index[1:])]
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step == 1:
+                pieces = []
+                for p, part in enumerate(self.parts):
+                    lo, hi = max(start, self.starts[p]), min(stop, self.starts[p + 1])
+                    if lo < hi:
+                        pieces.append(np.asarray(part[lo - self.starts[p]:hi - self.starts[p]]))
+                return np.concatenate(pieces) if pieces else np.empty((0, self.shape[1]), self.dtype)
+            return self._rows(np.arange(start, stop, step))
+        if np.ndim(index) == 0:
+            i = int(index) + (len(self) if int(index) < 0 else 0)
+            return self._rows(np.array([i]))[0]
+        return self._rows(np.asarray(index, np.int64))
+
+    def __array__(self, dtype=None, copy=None):
+        a = self[:]
+        return a if dtype is None else a.astype(dtype)

@@ -115,3 +115,145 @@ def change_scores(series: Sequence[FragmentSeries]) -> tuple[pd.DataFrame, pd.Da
 def partition_change_scores(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Change scores of every cell in one row partition (memory: that partition's embeddings)."""
     return change_scores(_group_series(geoparquet.read_table(Path(path), columns=_COLUMNS)))
+
+
+# ---------------------------------------------------------------- change files per row (incremental)
+FRAGMENT_CHANGE_SCHEMA = pa.schema([
+    ("grid_cell", pa.string()), ("pixel_bbox", pa.list_(pa.int32())),
+    ("t0", pa.timestamp("ns", tz="UTC")), ("t1", pa.timestamp("ns", tz="UTC")),
+    ("product_t0", pa.string()), ("product_t1", pa.string()), ("cosine_distance", pa.float64()),
+])
+CELL_CHANGE_SCHEMA = pa.schema([
+    ("grid_cell", pa.string()), ("t0", pa.timestamp("ns", tz="UTC")), ("t1", pa.timestamp("ns", tz="UTC")),
+    ("cosine_distance", pa.float64()), ("fragments", pa.int64()),
+])
+CELLS_FILE, FRAGMENTS_FILE = "cells.parquet", "fragments.parquet"
+CELLS_DIR, FRAGMENTS_DIR = "cells", "fragments"
+#: Most-changed pairs each row keeps in the state, so the global top list needs no file reads.
+TOP_PER_ROW = 10
+
+
+def row_pair_scores(table: pa.Table) -> tuple[pa.Table, int]:
+    """Per-fragment change scores of a row table (FRAGMENT_CHANGE_SCHEMA) and the number of series
+    with two dates or more, vectorised: one sort, then every consecutive pair of one series.
+
+    Same numbers as `change_scores(_group_series(table))` (same sort key, same float32 products
+    summed in float64), without a DataFrame per series, which dominated at archive scale.
+    """
+    if table.num_rows == 0:
+        return FRAGMENT_CHANGE_SCHEMA.empty_table(), 0
+    boxes = files.pixel_boxes(table.column("pixel_bbox"))
+    times = files.timestamps_ns(table.column("timestamp"))
+    cells = table.column("grid_cell").to_numpy(zero_copy_only=False)
+    products = table.column("product_id").to_numpy(zero_copy_only=False)
+    order = np.lexsort((times, boxes[:, 3], boxes[:, 2], boxes[:, 1], boxes[:, 0], cells))
+    c, b = cells[order], boxes[order]
+    same = (c[1:] == c[:-1]) & (b[1:] == b[:-1]).all(axis=1)
+    i, j = order[:-1][same], order[1:][same]
+    series = int(np.count_nonzero(np.r_[True, ~same[:-1]] & same)) if len(same) else 0
+    if len(i) == 0:
+        return FRAGMENT_CHANGE_SCHEMA.empty_table(), 0
+    emb = geoparquet.embedding_matrix(table.column("embedding"))
+    d = _cosine_distance(emb[i], emb[j])
+    ts = pa.timestamp("ns", tz="UTC")
+    out = pa.table({
+        "grid_cell": pa.array(cells[i], pa.string()),
+        "pixel_bbox": pa.FixedSizeListArray.from_arrays(pa.array(boxes[i].reshape(-1).astype(np.int32)), 4)
+        .cast(pa.list_(pa.int32())),
+        "t0": pa.array(times[i]).cast(ts), "t1": pa.array(times[j]).cast(ts),
+        "product_t0": pa.array(products[i], pa.string()), "product_t1": pa.array(products[j], pa.string()),
+        "cosine_distance": pa.array(np.asarray(d, np.float64)),
+    }, schema=FRAGMENT_CHANGE_SCHEMA)
+    return out, series
+
+
+def write_change_files(path: str | Path, cells_path: str | Path, fragments_path: str | Path,
+                       top: int = TOP_PER_ROW) -> dict:
+    """Change scores of one row partition: per cell into `cells_path`, per fragment into `fragments_path`.
+
+    Row partitions hold disjoint cells, so a row's series are complete on their own: memory is that
+    row's embeddings. Returns the row's summary (counts, sum and max of the per-cell scores and its
+    `top` most-changed cell pairs) so a global report adds rows up without re-reading them.
+    """
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    table = geoparquet.read_table(path, columns=_COLUMNS)
+    cells = len(pc.unique(table.column("grid_cell")))
+    frag_table, series = row_pair_scores(table)
+    del table
+    if frag_table.num_rows:
+        per_cell = (pd.DataFrame({"grid_cell": frag_table.column("grid_cell").to_numpy(zero_copy_only=False),
+                                  "t0": frag_table.column("t0").to_pandas(), "t1": frag_table.column("t1").to_pandas(),
+                                  "cosine_distance": frag_table.column("cosine_distance").to_numpy()})
+                    .groupby(["grid_cell", "t0", "t1"], sort=True)["cosine_distance"].agg(["mean", "size"])
+                    .reset_index().rename(columns={"mean": "cosine_distance", "size": "fragments"}))
+        cell_table = pa.Table.from_pandas(per_cell[CELL_CHANGE_SCHEMA.names], schema=CELL_CHANGE_SCHEMA,
+                                          preserve_index=False)
+    else:
+        per_cell = CELL_CHANGE_SCHEMA.empty_table().to_pandas()
+        cell_table = CELL_CHANGE_SCHEMA.empty_table()
+    for target, data in ((Path(fragments_path), frag_table), (Path(cells_path), cell_table)):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with geoparquet.atomic_output(target) as tmp:
+            pq.write_table(data, tmp)
+    scores = per_cell["cosine_distance"].to_numpy(dtype=float) if len(per_cell) else np.zeros(0)
+    best = per_cell.sort_values(["cosine_distance", "grid_cell"], ascending=[False, True]).head(top) \
+        if len(per_cell) else per_cell
+    return {
+        "random_weights": bool(geoparquet.read_info(path).random_weights),
+        "cells": int(cells), "cells_with_pairs": int(per_cell["grid_cell"].nunique()) if len(per_cell) else 0,
+        "pairs": len(per_cell), "series": int(series), "sum": float(scores.sum()),
+        "max": float(scores.max()) if len(scores) else None,
+        "top": [{"grid_cell": str(r.grid_cell), "t0": pd.Timestamp(r.t0).isoformat(), "t1": pd.Timestamp(r.t1).isoformat(),
+                 "cosine_distance": float(r.cosine_distance), "fragments": int(r.fragments)}
+                for r in best.itertuples(index=False)],
+    }
+
+
+def update_change(paths, out_dir: str | Path, *, refresh: bool = False) -> dict:
+    """Per-row change files brought up to date: O(changed rows).
+
+    ``out_dir/cells/row=<ROW>/cells.parquet`` (per cell and date pair) and
+    ``out_dir/fragments/row=<ROW>/fragments.parquet`` (per fragment): each folder reads as one
+    hive-partitioned dataset (``pq.read_table(out_dir / "cells")``, DuckDB
+    ``read_parquet('<out_dir>/cells/*/*.parquet', hive_partitioning = true)``). Rows whose embedding
+    file kept its stamp (`vectors.rowcache`) are not opened; their summaries come from the state.
+    """
+    import shutil
+
+    from majortom_assets.layout import validate_row_key
+    from majortom_assets.vectors import rowcache
+
+    out = Path(out_dir)
+    state_path = out / "state.json"
+    state = {} if refresh else rowcache.load_state(state_path)
+    current = rowcache.current_rows(paths)
+    diff = rowcache.diff(current, state.get("rows", {}))
+    summaries: dict = dict(state.get("summaries", {}))
+    for row in diff.removed:
+        summaries.pop(row, None)
+        for sub in (CELLS_DIR, FRAGMENTS_DIR):
+            shutil.rmtree(out / sub / f"row={validate_row_key(row)}", ignore_errors=True)
+    for row in diff.to_read:
+        part = f"row={validate_row_key(row)}"
+        summaries[row] = write_change_files(current[row][0], out / CELLS_DIR / part / CELLS_FILE,
+                                            out / FRAGMENTS_DIR / part / FRAGMENTS_FILE)
+    rowcache.save_state(state_path, {"rows": {r: current[r][1] for r in current}, "summaries": summaries})
+    return {"summaries": summaries, "update": {**diff.summary(), "rows read": len(diff.to_read)},
+            "random_weights": any(v["random_weights"] for v in summaries.values())}
+
+
+def change_totals(summaries: dict, top: int = TOP_PER_ROW) -> dict:
+    """Archive totals and the `top` most-changed cell pairs from per-row summaries (no file reads)."""
+    values = list(summaries.values())
+    pairs = sum(v["pairs"] for v in values)
+    maxima = [v["max"] for v in values if v["max"] is not None]
+    best = sorted((t for v in values for t in v["top"]), key=lambda t: (-t["cosine_distance"], t["grid_cell"]))[:top]
+    return {
+        "cells": sum(v["cells"] for v in values), "cells_with_pairs": sum(v["cells_with_pairs"] for v in values),
+        "pairs": pairs, "series": sum(v["series"] for v in values),
+        "mean": sum(v["sum"] for v in values) / pairs if pairs else float("nan"),
+        "max": max(maxima) if maxima else float("nan"), "top": best,
+    }
