@@ -411,7 +411,7 @@ def iter_normalised(source: ReleasedSource, path: str, batch_rows: int = 16_384,
     where = source.display(path)
     fix = file_fix(source, path)
     pf = source.open(path)
-    wanted = None if rows is None else np.asarray(sorted(set(int(r) for r in rows)), np.int64)
+    wanted = None if rows is None else np.asarray(sorted({int(r) for r in rows}), np.int64)
     groups = list(range(pf.metadata.num_row_groups))
     if wanted is not None and "grid_row_u" in pf.schema_arrow.names:
         groups = [g for g in groups if _group_may_hold(pf, g, wanted)]
@@ -494,8 +494,8 @@ class QuirksReport:
 
     def to_markdown(self) -> str:
         lines = [f"# Quirks of {self.dataset or self.source}", "",
-                 f"source {self.source}, model {self.model}: {self.files} files, {self.rows} rows "
-                 f"({self.checked_rows} rows inspected)", "",
+                 (f"source {self.source}, model {self.model}: {self.files} files, {self.rows} rows "
+                 f"({self.checked_rows} rows inspected)"), "",
                  "| check | status | detail |", "|---|---|---|"]
         for c in self.checks:
             lines.append(f"| {c.name} | {c.status} | {c.detail.replace('|', '/')} |")
