@@ -126,3 +126,62 @@ def write_reference_set(folder: str | os.PathLike, rows: Sequence[str], cells_pe
             write_reference_file(folder / "embeddings" / f"part_{i:05d}.parquet", [cells[j] for j in idx],
                                  dim, fragment_size, timestamps, seed + i)
     return folder
+
+
+# ------------------------------------------------------------------------ AlphaEarth stand-ins
+def write_aef_tile(path: str | os.PathLike, codes_north_up: np.ndarray, west: float, north: float, epsg: int,
+                   positive_y: bool = False, pixel_m: float = PIXEL_M) -> Path:
+    """A 64-band int8 COG (no data -128) whose pixel (i, j) of ``codes_north_up`` lies at
+    (west + pixel_m·j, north − pixel_m·i); ``positive_y`` stores the rows south-to-north, as some
+    AEF tiles do (a positive y step in the geotransform)."""
+    import rasterio
+    from affine import Affine
+
+    _, h, w = codes_north_up.shape
+    if positive_y:
+        data = codes_north_up[:, ::-1, :]
+        transform = Affine(pixel_m, 0.0, west, 0.0, pixel_m, north - pixel_m * h)
+    else:
+        data = codes_north_up
+        transform = Affine(pixel_m, 0.0, west, 0.0, -pixel_m, north)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with rasterio.open(path, "w", driver="COG", width=w, height=h, count=codes_north_up.shape[0], dtype="int8",
+                       crs=f"EPSG:{epsg}", transform=transform, nodata=-128, compress="none", overviews="NONE",
+                       blocksize=256) as dst:
+        dst.write(np.ascontiguousarray(data))
+    return path
+
+
+def write_aef_tiles(folder: str | os.PathLike, cells: Sequence[str], year: int = 2021, seed: int = 0,
+                    margin_px: int = 20) -> Path:
+    """One AEF-style tile per cell (every other one with a positive y step) and ``index.parquet``
+    (path, year, crs, wgs84 bounds). Codes cluster by the cell's synthetic land-cover class, with
+    a no-data strip along each tile's west edge. Returns the index path."""
+    import pandas as pd
+    from rasterio.warp import transform_bounds
+
+    folder = Path(folder)
+    rng = np.random.default_rng(seed)
+    protos = np.random.default_rng(seed + 1).normal(size=(len(synthetic.LAND_COVER_CLASSES), 64))
+    protos /= np.linalg.norm(protos, axis=1, keepdims=True)
+    rows = []
+    for k, cell in enumerate(cells):
+        place = synthetic.place_cell(cell, IMAGE_SIDE)
+        _, _, x0, _, _, y0 = place.transform
+        side = IMAGE_SIDE + 2 * margin_px
+        proto = protos[synthetic.cell_class(cell)]
+        base = np.clip(np.round(np.sign(proto) * np.sqrt(np.abs(proto)) * 127.5), -100, 100).astype(np.int8)
+        noise = rng.integers(-12, 13, size=(64, side, side), dtype=np.int8)
+        codes = noise + base[:, None, None]        # stays within [-112, 112]: never the no-data code
+        codes[:, :, : margin_px + 30] = -128
+        west, north = x0 - PIXEL_M * margin_px, y0 + PIXEL_M * margin_px
+        name = f"aef_{year}_{cell}.tif"
+        write_aef_tile(folder / name, codes, west, north, place.epsg, positive_y=bool(k % 2))
+        bounds = transform_bounds(f"EPSG:{place.epsg}", "OGC:CRS84", west, north - PIXEL_M * side,
+                                  west + PIXEL_M * side, north)
+        rows.append({"path": name, "year": year, "crs": f"EPSG:{place.epsg}", "wgs84_west": bounds[0],
+                     "wgs84_south": bounds[1], "wgs84_east": bounds[2], "wgs84_north": bounds[3]})
+    index = folder / "index.parquet"
+    pd.DataFrame(rows).to_parquet(index)
+    return index

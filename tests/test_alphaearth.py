@@ -43,7 +43,7 @@ def write_tile(path, codes_north_up: np.ndarray, west: float, north: float, epsg
         data = codes_north_up
         transform = Affine(10.0, 0.0, west, 0.0, -10.0, north)
     with rasterio.open(path, "w", driver="COG", width=w, height=h, count=64, dtype="int8",
-                       crs=f"EPSG:{epsg}", transform=transform, nodata=-128, compress="none",
+                       crs=f"EPSG:{epsg}", transform=transform, nodata=-128, compress="none", overviews="NONE",
                        blocksize=256) as dst:
         dst.write(np.ascontiguousarray(data))
     return str(path)
