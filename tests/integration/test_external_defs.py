@@ -82,7 +82,7 @@ def test_observation_follows_the_files(tmp_path, monkeypatch):
     from majortom_assets.defs.released import build_source_asset
 
     source = build_source_asset("Core-S2RGB-SigLIP")
-    from dagster._core.definitions.observe import observe   # in-process observation (no public alias)
+    from dagster._core.definitions.observe import observe  # in-process observation (no public alias)
 
     def version(instance) -> str:
         assert observe([source], instance=instance).success
