@@ -251,7 +251,16 @@ def _read_same_crs(src, xs: np.ndarray, ys: np.ndarray) -> np.ndarray | None:
     window = src.read(window=Window(c0, r0, c1 - c0, r1 - r0))
     out = np.full((BANDS, len(ys), len(xs)), NODATA, dtype=np.int8)
     ri, ci = np.flatnonzero(okr), np.flatnonzero(okc)
-    out[:, ri[:, None], ci[None, :]] = window[:, (rows[ri] - r0)[:, None], (cols[ci] - c0)[None, :]]
+    sr, sc = rows[ri] - r0, cols[ci] - c0
+    dr, dc = np.diff(sr), np.diff(sc)
+    if (dc == 1).all() and ((dr == 1).all() or (dr == -1).all()) and np.ptp(ri) + 1 == len(ri) \
+            and np.ptp(ci) + 1 == len(ci):
+        # aligned 10 m grids (the usual case): two slices, reversed for a positive y step
+        step = 1 if len(dr) == 0 or dr[0] == 1 else -1
+        stop = sr[-1] + step if sr[-1] + step >= 0 else None
+        out[:, ri[0]:ri[-1] + 1, ci[0]:ci[-1] + 1] = window[:, sr[0]:stop:step, sc[0]:sc[-1] + 1]
+    else:
+        out[:, ri[:, None], ci[None, :]] = window[:, sr[:, None], sc[None, :]]
     return out
 
 
@@ -277,24 +286,32 @@ def pool_fragments(codes: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np
     """Per box: unit mean of the valid pixels' dequantised vectors, and the valid-pixel count.
 
     Returns (vectors (N, 64) float32, counts (N,), ok (N,) bool); a box with no valid pixel, or
-    whose mean is the zero vector, is not ok.
+    whose mean is the zero vector, is not ok. A code has only 256 values, so each band's sum is
+    a histogram of its codes (one ``bincount`` over all bands) times the dequantisation table:
+    exact in float64 and about twice as fast as dequantising every pixel.
     """
     bands = codes.shape[0]
-    out = np.zeros((len(boxes), bands), np.float32)
+    lut = _LUT.astype(np.float64)
+    offsets = (np.arange(bands, dtype=np.intp) * 256)[:, None]
+    nodata = np.uint8(np.int8(NODATA).view(np.uint8))
+    out = np.zeros((len(boxes), bands), np.float64)
     counts = np.zeros(len(boxes), np.int64)
     for k, (r0, c0, r1, c1) in enumerate(np.asarray(boxes)):
-        q = codes[:, r0:r1, c0:c1]
-        valid = (q != NODATA).all(axis=0)
+        u = codes[:, r0:r1, c0:c1].view(np.uint8)
+        valid = (u != nodata).all(axis=0).reshape(-1)
         n = int(valid.sum())
         counts[k] = n
         if n == 0:
             continue
-        values = _LUT[q.view(np.uint8)].reshape(bands, -1)
-        out[k] = values @ valid.reshape(-1).astype(np.float32) / n
+        u = u.reshape(bands, -1)
+        if n < valid.size:      # a pixel missing any band is left out entirely (its codes -> 0)
+            u = np.where(valid, u, nodata)
+        hist = np.bincount((u + offsets).ravel(), minlength=bands * 256).reshape(bands, 256)
+        out[k] = hist @ lut / n
     norms = np.linalg.norm(out, axis=1)
     ok = (counts > 0) & (norms > 0)
     out[ok] /= norms[ok, None]
-    return out, counts, ok
+    return out.astype(np.float32), counts, ok
 
 
 @dataclass

@@ -20,6 +20,7 @@ from affine import Affine
 
 from majortom_assets import alphaearth, geoparquet
 from majortom_assets.fragment import fragment_layout
+from majortom_assets.released_fixtures import write_aef_tile
 from majortom_assets.synthetic import place_cell
 from majortom_assets.vectors import files
 
@@ -179,3 +180,20 @@ def test_wrong_tile_dtype_is_named(tmp_path):
         dst.write(np.zeros((3, 8, 8), np.uint8))
     with pytest.raises(alphaearth.AlphaEarthError, match="bad.tif: 3 bands of uint8"):
         alphaearth.read_tile_index(tmp_path)
+
+
+def test_coarser_tile_maps_each_pixel_to_its_nearest_centre(tmp_path):
+    """A 20 m tile in the cell's zone (not on the 10 m grid): every target pixel takes the source
+    pixel its centre falls in, computed here independently."""
+    place = place_cell(CELL, SIZE)
+    _, _, x0, _, _, y0 = place.transform
+    rng = np.random.default_rng(3)
+    codes = _codes(rng, SIZE // 2 + 8, SIZE // 2 + 8)
+    west, north = x0 - 73.0, y0 + 57.0
+    write_aef_tile(tmp_path / "c.tif", codes, west, north, place.epsg, positive_y=True, pixel_m=20.0)
+    image = alphaearth.read_cell(CELL, alphaearth.read_tile_index(tmp_path), None)
+    centres_x = x0 + 10 * np.arange(SIZE) + 5
+    centres_y = y0 - 10 * np.arange(SIZE) - 5
+    cols = ((centres_x - west) // 20).astype(int)
+    rows = ((north - centres_y) // 20).astype(int)
+    np.testing.assert_array_equal(image.codes, codes[:, rows[:, None], cols[None, :]])
