@@ -41,7 +41,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import pyproj
 import shapely
 
 from majortom_assets import geoparquet, grid
@@ -208,7 +207,7 @@ def _axis_swapped(wkt: np.ndarray, crs: np.ndarray, cells: np.ndarray) -> bool |
     votes = []
     for code in np.unique(crs):
         sel = crs == code
-        tr = pyproj.Transformer.from_crs(str(code), "OGC:CRS84", always_xy=True)
+        tr = geoparquet._to_wgs84(str(code))   # per-thread cache: a transformer costs ~10 ms to build
         b = shapely.bounds(shapely.from_wkt(wkt[sel]))
         cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
         for swapped, (x, y) in ((False, (cx, cy)), (True, (cy, cx))):
@@ -261,13 +260,19 @@ def detect_footprint_fix(table: pa.Table) -> FootprintFix:
     return FootprintFix(swapped, t > a, max(a, t))
 
 
+def _row(offset, i: int) -> int:
+    """Row number in the file of position ``i`` of a batch: ``offset`` is the batch's first row,
+    or (for a filtered batch) the file row of every position."""
+    return int(offset[i]) if isinstance(offset, np.ndarray) else int(offset) + i
+
+
 def _pixel_boxes(column: pa.ChunkedArray | pa.Array, where: str, offset: int) -> np.ndarray:
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
     bad = np.flatnonzero(lengths != 4)
     if bad.size:
-        raise ReleasedFormatError(f"{where}: row {offset + int(bad[0])}: pixel_bbox holds "
+        raise ReleasedFormatError(f"{where}: row {_row(offset, int(bad[0]))}: pixel_bbox holds "
                                   f"{lengths[bad[0]]} values, expected 4")
     return pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.int64).reshape(-1, 4)
 
@@ -292,7 +297,7 @@ def corrected_footprints(table: pa.Table, fix: FootprintFix, where: str = "?", o
         try:
             feet = geoparquet.fragment_footprints(as_boxes[sel], (1.0, 0.0, 0.0, 0.0, -1.0, 0.0), str(code))
         except ValueError as exc:
-            raise ReleasedFormatError(f"{where}: rows {offset + int(sel[0])}..: {exc}") from None
+            raise ReleasedFormatError(f"{where}: rows {_row(offset, int(sel[0]))}..: {exc}") from None
         out.geometry_wkb[sel] = feet.geometry_wkb
         out.utm_wkt[sel] = feet.utm_wkt
         out.centre_lat[sel] = feet.centre_lat
@@ -315,7 +320,7 @@ def embedding_fixed(column: pa.ChunkedArray | pa.Array, where: str, offset: int,
         raise ReleasedFormatError(f"{where}: embedding column is {typ}, not a list of numbers")
     if column.null_count:
         first = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
-        raise ReleasedFormatError(f"{where}: row {offset + first}: embedding is null")
+        raise ReleasedFormatError(f"{where}: row {_row(offset, first)}: embedding is null")
     n = len(column)
     if pa.types.is_fixed_size_list(typ):
         width = typ.list_size
@@ -328,11 +333,11 @@ def embedding_fixed(column: pa.ChunkedArray | pa.Array, where: str, offset: int,
         bad = np.flatnonzero(lengths != width)
         if bad.size:
             i = int(bad[0])
-            raise ReleasedFormatError(f"{where}: row {offset + i}: embedding has {lengths[i]} values, "
+            raise ReleasedFormatError(f"{where}: row {_row(offset, i)}: embedding has {lengths[i]} values, "
                                       f"expected {width} ({bad.size} rows of this batch differ)")
         values = column.flatten()   # respects slicing offsets
     if values.null_count:
-        raise ReleasedFormatError(f"{where}: rows {offset}..{offset + n - 1}: embedding holds null values")
+        raise ReleasedFormatError(f"{where}: rows {_row(offset, 0)}..{_row(offset, n - 1)}: embedding holds null values")
     values = values.cast(pa.float32())
     return pa.FixedSizeListArray.from_arrays(values, width)
 
@@ -435,8 +440,7 @@ def iter_normalised(source: ReleasedSource, path: str, batch_rows: int = 16_384,
             elif keep.any():
                 idx = np.flatnonzero(keep)
                 sub = table.take(pa.array(idx))
-                # error positions inside `sub` are reported relative to the batch start
-                yield normalise_table(sub, fix, where, offset, source.expected_dim)
+                yield normalise_table(sub, fix, where, offset + idx, source.expected_dim)
             offset += table.num_rows
 
 

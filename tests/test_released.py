@@ -209,3 +209,17 @@ def test_products_take_a_view_as_a_root(dino, tmp_path):
     finally:
         con.close()
     assert (n, dim) == (300, 768)
+
+
+def test_filtered_read_names_the_file_row(tmp_path):
+    """Reading one grid row of a mixed file still names the bad row by its position in the file."""
+    path = rf.write_reference_file(tmp_path / "Core-S2RGB-SigLIP" / "x.parquet", ["12D_3L", "136U_10R"], 1152,
+                                   fragment_size=384)
+    table = pq.read_table(path)
+    emb = table.column("embedding").to_pylist()
+    emb[11] = emb[11][:5]               # second cell (136U), its third fragment
+    pq.write_table(table.set_column(1, "embedding", pa.array(emb, pa.list_(pa.float32()))), path)
+    source = released.open_source(path)
+    assert sum(t.num_rows for t in released.iter_normalised(source, str(path), rows=[-12])) == 9
+    with pytest.raises(released.ReleasedFormatError, match=r"row 11: embedding has 5 values"):
+        list(released.iter_normalised(source, str(path), rows=[136]))
