@@ -223,3 +223,12 @@ def test_filtered_read_names_the_file_row(tmp_path):
     assert sum(t.num_rows for t in released.iter_normalised(source, str(path), rows=[-12])) == 9
     with pytest.raises(released.ReleasedFormatError, match=r"row 11: embedding has 5 values"):
         list(released.iter_normalised(source, str(path), rows=[136]))
+
+
+def test_row_checks_sample_files_but_footers_cover_all(tmp_path):
+    folder = rf.write_reference_set(tmp_path / "Core-S2RGB-DINOv2", ["136U"], 4, 768, files=4)
+    source = released.open_source(folder)
+    report = released.check_source(source, sample_rows=10, max_files=2)
+    assert report.files == 4 and report.rows == 100 and report.checked_rows == 20
+    crs = next(c for c in report.checks if c.name == "geo_crs_declared")
+    assert crs.status == "fail" and len(crs.files) == 4

@@ -20,7 +20,8 @@ def run_check(args) -> int:
     from majortom_assets import released
 
     source = released.open_source(args.source, model=args.model)
-    report = released.check_source(source, sample_rows=None if args.all_rows else args.sample_rows)
+    report = released.check_source(source, sample_rows=None if args.all_rows else args.sample_rows,
+                                   max_files=None if args.all_rows else args.sample_files)
     if args.format == "json":
         print(json.dumps(report.to_dict(), indent=1))
     else:
@@ -53,7 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("source", metavar="PATH_OR_URL", help="parquet file or folder, local or hf://datasets/Major-TOM/<set>")
     c.add_argument("--model", help="model name, needed when the path names none of the four published sets")
     c.add_argument("--sample-rows", type=positive_int, default=4096, help="rows inspected per file (default 4096)")
-    c.add_argument("--all-rows", action="store_true", help="inspect every row")
+    c.add_argument("--sample-files", type=positive_int, default=8,
+                   help="files whose rows are inspected, spread over the set (default 8; footers: all)")
+    c.add_argument("--all-rows", action="store_true", help="inspect every row of every file")
     c.add_argument("--format", default="markdown", choices=["markdown", "json"])
     c.add_argument("--strict", action="store_true", help="exit with status 1 when any check fails")
     c.set_defaults(func=run_check, command="released check")
