@@ -92,6 +92,25 @@ def create_collections(
     return out
 
 
+def configure_external(home: Path, cells: Sequence[str], aef_cells: int = 2) -> dict[str, str]:
+    """`--external`: small local stand-ins of a released set (DINOv2, in the reference embedder's
+    shape) over the demo cells and AlphaEarth tiles for a few of them, configured through the
+    environment variables defs/released.py and defs/alphaearth.py read. Existing ones are reused."""
+    from majortom_assets import released_fixtures
+
+    folder = home / "external" / "Core-S2RGB-DINOv2"
+    if not folder.exists():
+        rows = sorted({c.split("_")[0] for c in cells})
+        released_fixtures.write_reference_set(folder, rows, 2, 768, files=2)
+    index = home / "external" / "alphaearth" / "index.parquet"
+    if not index.exists():
+        released_fixtures.write_aef_tiles(index.parent, list(cells)[-aef_cells:], 2021)
+    env = {"MAJORTOM_RELEASED_S2RGB_DINOV2": str(folder), "MAJORTOM_ALPHAEARTH_TILES": str(index),
+           "MAJORTOM_ALPHAEARTH_YEAR": "2021"}
+    os.environ.update(env)
+    return env
+
+
 def materialize_all(instance, definitions=None, raise_on_error: bool = True) -> list:
     """Run: the metadata selections, then the row-partitioned assets (one run per band of rows
     that hold samples, see `partitions.row_bands`; every grid row is a partition already, nothing
@@ -120,7 +139,9 @@ def materialize_all(instance, definitions=None, raise_on_error: bool = True) -> 
 
     graph = definitions.resolve_asset_graph()
     partitioned = [k for k in graph.get_all_asset_keys() if graph.get(k).partitions_def is not None]
-    unpartitioned = [k for k in graph.get_all_asset_keys() if graph.get(k).partitions_def is None]
+    # external sources (released sets) are observed, not materialised
+    unpartitioned = [k for k in graph.get_all_asset_keys()
+                     if graph.get(k).partitions_def is None and graph.get(k).is_materializable]
     metadata_keys = [k for k in unpartitioned if k.path[0] == "core"]
     global_keys = [k for k in unpartitioned if k.path[0] != "core"]
 
@@ -199,6 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cells", nargs="+", help="grid cells (default: demo_cells())")
     parser.add_argument("--size", type=int, default=CORE_IMAGE_SIZE,
                         help=f"image side in 10 m pixels (Core: {CORE_IMAGE_SIZE})")
+    parser.add_argument("--external", action="store_true",
+                        help="also add a released set (local stand-in) and AlphaEarth tiles to the graph")
     args = parser.parse_args(argv)
 
     home, dagster_home = args.home.expanduser().resolve(), args.dagster_home.expanduser().resolve()
@@ -214,6 +237,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     print(f"writing synthetic Core collections under {home / 'collections'} ...", flush=True)
     create_collections(home, args.cells, size=args.size)
+    if args.external:
+        print("writing released-set and AlphaEarth stand-ins under "
+              f"{home / 'external'} ...", flush=True)
+        configure_external(home, args.cells or demo_cells())
     print(
         f"collections ready after {time.perf_counter() - started:.1f} s; materialising the asset graph ...",
         flush=True,

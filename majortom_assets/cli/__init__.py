@@ -2,6 +2,8 @@
 
     embed       majortom_assets.cli.embed     Core collection -> Table 2 GeoParquet files
     index ...   majortom_assets.cli.vectors   index, search, export, pca-map, evaluate, timeseries, sql
+    released    majortom_assets.cli.released  quirks report and normalised view of a published set
+    alphaearth  majortom_assets.cli.alphaearth AlphaEarth annual embeddings -> Table 2 files
 
 Shared argument types and error handling live in `majortom_assets.cli.common`. The command line
 knows nothing of Dagster: it calls the same library functions the assets call.
@@ -13,9 +15,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from majortom_assets.cli import embed, vectors
+from majortom_assets.cli import alphaearth, embed, released, vectors
 
-COMMAND_MODULES = (embed, vectors)
+COMMAND_MODULES = (embed, vectors, released, alphaearth)
 
 
 def build_parser() -> argparse.ArgumentParser:

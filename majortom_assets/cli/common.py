@@ -101,6 +101,7 @@ def handles_errors(func):
     @functools.wraps(func)
     def wrapper(args: argparse.Namespace) -> int:
         try:
+            resolve_released(args)
             return int(func(args) or 0)
         except (ValueError, KeyError, FileNotFoundError, RuntimeError) as exc:
             msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
@@ -110,9 +111,46 @@ def handles_errors(func):
     return wrapper
 
 
+def add_root(p: argparse.ArgumentParser) -> None:
+    """``--root DIR`` or, instead, ``--released PATH_OR_URL`` (a published set, normalised on read)."""
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--root", type=Path, default=files.default_root(),
+                       help="storage root holding embeddings/<model>/row=<ROW>/ (default: $MAJORTOM_HOME or ./data)")
+    where.add_argument("--released", metavar="PATH_OR_URL",
+                       help="a released Major TOM embedding set instead of a storage root: a parquet file or "
+                            "folder, local or hf://datasets/Major-TOM/<set>; read through a normalised view "
+                            "under $MAJORTOM_HOME/released/ (outputs go there too)")
+
+
+def resolve_released(args: argparse.Namespace) -> None:
+    """The one place ``--released`` becomes a storage root: the set's normalised view.
+
+    Only the grid rows a command needs are normalised (``--rows``, or the row of ``--cell``); the
+    set's quirks are summarised on stderr. Commands then run on ``args.root`` as on our own files.
+    """
+    url = getattr(args, "released", None)
+    if not url:
+        return
+    from majortom_assets import released
+    from majortom_assets.grid import parse_cell_name, row_name
+
+    rows = rows_list(getattr(args, "rows", None))
+    if rows is None and getattr(args, "cell", None) and getattr(args, "command", "") == "timeseries":
+        rows = [str(row_name(parse_cell_name(args.cell)[0]))]
+    view = released.open_view(url, model=getattr(args, "model", None), rows=rows)
+    args.root = Path(view)
+    if getattr(args, "model", None) is None and hasattr(args, "model"):
+        args.model = view.source.model
+    report = view.quirks()
+    if report is not None and report.failed:
+        names = ", ".join(c.name for c in report.failed)
+        print(f"majortom: note: released set {report.dataset or report.source} fails {len(report.failed)} "
+              f"standard checks ({names}); normalised on read, ids kept as published "
+              f"(`majortom released check {url}` for details)", file=sys.stderr)
+
+
 def add_root_model(p: argparse.ArgumentParser, model_required: bool = True) -> None:
-    p.add_argument("--root", type=Path, default=files.default_root(),
-                   help="storage root holding embeddings/<model>/row=<ROW>/ (default: $MAJORTOM_HOME or ./data)")
+    add_root(p)
     if model_required:
         p.add_argument("--model", required=True, help="model name, e.g. dinov2-rgb")
     p.add_argument("--rows", nargs="+", help="restrict to these grid rows (e.g. 136U 12D or 136U,12D)")

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from majortom_assets.cli.common import (
+    add_root,
     add_root_model,
     cell_arg,
     date_arg,
@@ -261,7 +262,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_timeseries)
 
     p = subparsers.add_parser("sql", help="run read-only DuckDB SQL over the embeddings (one view per model)")
-    p.add_argument("--root", type=Path, default=files.default_root())
+    add_root(p)
     p.add_argument("query", nargs="?", help="SQL to run; without it, list the model views")
     p.add_argument("--format", default="table", choices=["table", "json", "csv"])
     p.set_defaults(func=run_sql)
