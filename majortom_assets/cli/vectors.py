@@ -145,8 +145,11 @@ def _read_labels(path: Path) -> pd.DataFrame:
 
 @handles_errors
 def run_timeseries(args) -> int:
+    from majortom_assets.cli import windows as window_cli
     from majortom_assets.vectors.timeseries import change_scores, series_for
 
+    if window_cli.wants_windows(args):
+        return window_cli.run_windows(args)
     series = series_for(selected_paths(args), args.cell, args.pixel_bbox)
     per_fragment, per_cell = change_scores(series)
     if args.format == "json":
@@ -182,6 +185,12 @@ def run_sql(args) -> int:
 
 
 # ---------------------------------------------------------------------------------- register
+def _add_window_arguments(p: argparse.ArgumentParser) -> None:
+    from majortom_assets.cli.windows import add_window_arguments
+
+    add_window_arguments(p)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("index", help="build a similarity-search index of one model's embeddings")
     add_root_model(p)
@@ -241,13 +250,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="report directory (default: ROOT/reports/evaluation)")
     p.set_defaults(func=run_evaluate)
 
-    p = subparsers.add_parser("timeseries", help="embedding time series and change scores of one cell")
+    p = subparsers.add_parser("timeseries", help="embedding time series and change scores of one cell, or "
+                              "of every cell between two time windows (--window, --compare)")
     add_root_model(p)
-    p.add_argument("--cell", type=cell_arg, required=True)
+    p.add_argument("--cell", type=cell_arg, help="one cell's date-to-date change (or use --window)")
     p.add_argument("--pixel-bbox", nargs=4, type=int, metavar=("R0", "C0", "R1", "C1"),
                    help="one fragment (default: all fragments of the cell)")
     p.add_argument("--per-fragment", action="store_true", help="table: per-fragment scores instead of cell means")
     p.add_argument("--format", default="table", choices=["table", "json"])
+    _add_window_arguments(p)
     p.set_defaults(func=run_timeseries)
 
     p = subparsers.add_parser("sql", help="run read-only DuckDB SQL over the embeddings (one view per model)")
