@@ -2,6 +2,7 @@
 
     embed       majortom_assets.cli.embed     Core collection -> Table 2 GeoParquet files
     index ...   majortom_assets.cli.vectors   index, search, export, pca-map, evaluate, timeseries, sql
+    extract     majortom_assets.cli.extract   embeddings at points / over areas -> GeoParquet
 
 Shared argument types and error handling live in `majortom_assets.cli.common`. The command line
 knows nothing of Dagster: it calls the same library functions the assets call.
@@ -13,9 +14,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from majortom_assets.cli import embed, vectors
+from majortom_assets.cli import embed, extract, vectors
 
-COMMAND_MODULES = (embed, vectors)
+COMMAND_MODULES = (embed, vectors, extract)
 
 
 def build_parser() -> argparse.ArgumentParser:
