@@ -54,14 +54,21 @@ def run_search(args) -> int:
     index = SearchIndex.load(index_dir)
     flt = SearchFilter(bbox=tuple(args.bbox) if args.bbox else None, start=args.start, end=args.end,
                        rows=rows_list(args.rows))
-    vector = None
+    vector = qv = None
     if args.vector_file is not None:
         vector = _load_vector(args.vector_file)
+    from majortom_assets.cli import query as query_cli
+
+    if query_cli.wants_query_model(args):
+        vector, qv = query_cli.query_vectors(args, index)
     result = index.query(vector, cell=args.cell, unique_id=args.unique_id,
                          latlon=tuple(args.latlon) if args.latlon else None, k=args.k, filters=flt,
                          cell_mode=args.cell_mode, exclude_query=args.exclude_query, nprobe=args.nprobe)
     cols = ["rank", "similarity", "distance", "grid_cell", "timestamp", "centre_lat", "centre_lon",
             "unique_id"] + (["geometry", "pixel_bbox", "product_id"] if args.format == "json" else [])
+    if qv is not None and len(qv.labels) > 1:     # one query per image fragment
+        result["query_fragment"] = [qv.labels[q] for q in result["query"]]
+        cols = ["query_fragment", *cols]
     print_frame(result[cols], args.format)
     return 0
 
@@ -185,6 +192,12 @@ def run_sql(args) -> int:
 
 
 # ---------------------------------------------------------------------------------- register
+def _add_query_arguments(q, p: argparse.ArgumentParser) -> None:
+    from majortom_assets.cli.query import add_query_arguments
+
+    add_query_arguments(q, p)
+
+
 def _add_window_arguments(p: argparse.ArgumentParser) -> None:
     from majortom_assets.cli.windows import add_window_arguments
 
@@ -209,6 +222,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--unique-id", help="fragment unique_id")
     q.add_argument("--latlon", nargs=2, type=float_arg, metavar=("LAT", "LON"), help="a place; mapped to its cell")
     q.add_argument("--vector-file", type=Path, help=".npy, .csv or whitespace-separated text with one vector")
+    _add_query_arguments(q, p)
     p.add_argument("-k", type=positive_int, default=10, help="results to return (default 10)")
     p.add_argument("--bbox", nargs=4, type=float_arg, metavar=("W", "S", "E", "N"),
                    help="only fragments whose centre lies in this lon/lat box (W > E crosses 180°)")
