@@ -146,3 +146,20 @@ def test_bad_places_files_name_the_problem(tmp_path):
         extract.read_points(tmp_path / "missing.csv")
     with pytest.raises(FileNotFoundError, match="nope.parquet does not exist"):
         extract.extract([tmp_path / "nope.parquet"], extract.Places.points([1.0], [2.0]))
+
+
+def test_west_and_south_cells_are_found(tmp_path):
+    """Negative rows (D) and columns (L) around the prime meridian and the equator's south."""
+    west = testdata.write_synthetic(tmp_path, "west", dim=16, seed=6, row_group_size=64,
+                                    cells=testdata.cells_in_rows([-200, -199, -1, 0], 6, first_col=-3, step=1))
+    assert any("L" in c for c in west.labels.grid_cell) and any("D" in c for c in west.labels.grid_cell)
+    lat, lon = _points_in(west, 300, 7, spread=0.3)
+    lat = np.concatenate([lat, west.labels.centre_lat.to_numpy()])
+    lon = np.concatenate([lon, west.labels.centre_lon.to_numpy()])
+    places = extract.Places.points(lat, lon)
+    result = extract.extract(west.paths, places)
+    assert _pairs(result) == _brute(west, places.geometry)
+    assert set(west.labels.grid_cell) <= set(result.table.column("grid_cell").to_pylist())
+    one = west.labels.iloc[0]              # a point in row 200D only: the other rows stay unopened
+    single = extract.extract(west.paths, extract.Places.points([one.centre_lat], [one.centre_lon]))
+    assert single.places_matched == 1 and sum(p.skipped for p in single.plans) >= 2

@@ -171,7 +171,7 @@ def read_areas(path: str | os.PathLike) -> Places:
 
 # ----------------------------------------------------------------------------- candidates
 def candidate_cells(places: Places) -> np.ndarray:
-    """Sorted unique int64 keys (row * 2**32 + col) of the cells whose images can hold a point."""
+    """Sorted unique int64 keys (`_key`) of the cells whose images can hold a point."""
     from majortom_assets.grid import get_grid
 
     grid = get_grid()
@@ -191,8 +191,16 @@ def candidate_cells(places: Places) -> np.ndarray:
     return np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
 
 
+_COL_OFFSET = 1 << 31   # columns are signed (L = west): offset them so the low 32 bits stay >= 0
+
+
 def _key(row: np.ndarray, col: np.ndarray) -> np.ndarray:
-    return (np.asarray(row, np.int64) << 32) + np.asarray(col, np.int64)
+    """One sortable int64 per cell: row in the high 32 bits, offset column in the low 32 bits."""
+    return (np.asarray(row, np.int64) << 32) + (np.asarray(col, np.int64) + _COL_OFFSET)
+
+
+def _unkey(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return keys >> 32, (keys & 0xFFFFFFFF) - _COL_OFFSET
 
 
 # ------------------------------------------------------------------------- row-group stats
@@ -261,7 +269,7 @@ def _cell_groups(md: pq.FileMetaData, keys: np.ndarray) -> np.ndarray | None:
             a, b = np.searchsorted(keys, [_key(r0[g], c0[g]), _key(r0[g], c1[g])], side="left")
             hit = b > a or (b < len(keys) and keys[b] == _key(r0[g], c1[g]))
         else:
-            kr, kc = keys >> 32, keys - ((keys >> 32) << 32)
+            kr, kc = _unkey(keys)
             hit = bool(np.any((kr >= r0[g]) & (kr <= r1[g]) & (kc >= c0[g]) & (kc <= c1[g])))
         keep[g] = hit
     return keep
@@ -299,7 +307,7 @@ def _row_of(location: str) -> str | None:
 def _candidate_rows(keys: np.ndarray) -> set[str]:
     from majortom_assets.grid import row_name
 
-    return {str(row_name(int(r))) for r in np.unique(keys >> 32)}
+    return {str(row_name(int(r))) for r in np.unique(_unkey(keys)[0])}
 
 
 def _extract_file(location: str, places: Places, keys: np.ndarray | None, start, end,
