@@ -139,3 +139,27 @@ def test_asset_config_is_validated_at_the_edge():
         WindowChangeConfig(window_a="2021-06-01/2021-08-31")
     with pytest.raises(ValidationError):
         WindowChangeConfig(level="pixel")
+
+
+def test_asset_defaults_to_the_data_halves_and_survives_a_single_day(tmp_path):
+    import dagster as dg
+    from dagster_helpers import local_resources
+
+    from majortom_assets.defs.windows import build_window_change_asset
+
+    asset = build_window_change_asset("dinov2-rgb")
+    data = testdata.write_synthetic(tmp_path / "many", "dinov2-rgb", dim=8, timestamps=4, seed=1,
+                                    cells=testdata.cells_in_rows([2], 3))
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([asset], instance=instance, resources=local_resources(data.root, "dinov2-rgb", 1068))
+    md = result.asset_materializations_for_node(asset.op.name)[0].metadata
+    # dates Jan 1, Jan 31, Mar 2, Apr 1: halves Jan 1-Feb 15 and Feb 16-Apr 1
+    assert md["window a"].value == "2021-01-01/2021-02-15" and md["window b"].value == "2021-02-16/2021-04-01"
+    written = pd.read_parquet(data.root / "reports" / "dinov2-rgb" / "window_change.parquet")
+    assert len(written) == 3 and (written["acquisitions_a"] == 2).all()
+    one = testdata.write_synthetic(tmp_path / "one", "dinov2-rgb", dim=8, timestamps=1, seed=1,
+                                   cells=testdata.cells_in_rows([2], 3))
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([asset], instance=instance, resources=local_resources(one.root, "dinov2-rgb", 1068))
+    md = result.asset_materializations_for_node(asset.op.name)[0].metadata
+    assert md["compared"].value == 0 and "single day" in md["most changed"].value

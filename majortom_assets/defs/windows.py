@@ -45,7 +45,6 @@ class WindowChangeConfig(dg.Config):
 
 def _halves(files):
     """The first and second half of the days between the earliest and latest acquisition."""
-    import numpy as np
     import pyarrow.parquet as pq
 
     from majortom_assets.vectors import files as vfiles
@@ -57,9 +56,8 @@ def _halves(files):
         if len(t):
             lo = t.min() if lo is None else min(lo, t.min())
             hi = t.max() if hi is None else max(hi, t.max())
-    if lo is None or (hi - lo) < np.timedelta64(1, "D"):
-        raise dg.Failure("the embeddings cover a single day: give window_a and window_b in the run config",
-                         allow_retries=False)
+    if lo is None or lo.astype("datetime64[D]") == hi.astype("datetime64[D]"):
+        return None     # a single day: nothing to compare until a second acquisition arrives
     days = lo.astype("datetime64[D]"), hi.astype("datetime64[D]")
     mid = days[0] + (days[1] - days[0]) // 2
     return (TimeWindow.parse(f"{days[0]}/{mid}"), TimeWindow.parse(f"{mid + 1}/{days[1]}"))
@@ -81,11 +79,19 @@ def build_window_change_asset(model: str) -> dg.AssetsDefinition:
 
         files = embedding_files(storage, model)
         if config.window_a is None:
-            a, b = _halves(files)
+            halves = _halves(files)
         else:
-            a, b = windows.TimeWindow.parse(config.window_a), windows.TimeWindow.parse(config.window_b)
-        frame = windows.compare_windows(files, a, b, level=config.level, statistic=config.statistic,
-                                        threshold=config.threshold)
+            halves = windows.TimeWindow.parse(config.window_a), windows.TimeWindow.parse(config.window_b)
+        if halves is None:
+            day = windows.TimeWindow.parse("1970-01-01/1970-01-01")   # nothing matches: an empty result
+            a = b = day
+            frame = windows.compare_windows(files, day, day)
+            note = "_the embeddings cover a single day: nothing to compare yet (set window_a/window_b)_"
+        else:
+            a, b = halves
+            frame = windows.compare_windows(files, a, b, level=config.level, statistic=config.statistic,
+                                            threshold=config.threshold)
+            note = None
         path = storage.layout.window_change_file(model)
         table = pa.Table.from_pandas(frame, preserve_index=False).replace_schema_metadata({
             b"majortom:windows": f"{a.label} vs {b.label}; level={config.level}; "
@@ -94,14 +100,14 @@ def build_window_change_asset(model: str) -> dg.AssetsDefinition:
             pq.write_table(table, tmp, compression="zstd")
         top = frame.head(TOP_CHANGED).drop(columns=["window_a", "window_b"])
         md = presentation.markdown_table(top.round(4), limit=TOP_CHANGED) if len(frame) else \
-            f"_no {config.level} has acquisitions in both {a.label} and {b.label}_"
+            (note or f"_no {config.level} has acquisitions in both {a.label} and {b.label}_")
         random_weights = any_random_weights(files)
         if random_weights:
             md = f"**{RANDOM_WEIGHTS_WARNING}**\n\n{md}"
         context.log.info(f"{model}: {a.label} vs {b.label}: {len(frame)} {config.level}s compared")
         return dg.MaterializeResult(metadata={
-            "window a": a.label,
-            "window b": b.label,
+            "window a": a.label if note is None else "none",
+            "window b": b.label if note is None else "none",
             "level": config.level,
             "statistic": config.statistic,
             "compared": len(frame),

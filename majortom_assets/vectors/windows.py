@@ -229,7 +229,7 @@ def window_stats(paths, window: TimeWindow | str, level: Level = "cell", statist
         parts.append(frame)
     if not parts:
         cols = list(_key_frame(pd.DataFrame(columns=_unit_keys(level)), level).columns)
-        return pd.DataFrame(columns=[*cols, "acquisitions", "spread", "first", "last"])
+        return pd.DataFrame(columns=["window", *cols, "acquisitions", "spread", "first", "last"])
     out = pd.concat(parts, ignore_index=True)
     out.insert(0, "window", window.label)
     return out
@@ -277,7 +277,7 @@ def compare_windows(paths, a: TimeWindow | str, b: TimeWindow | str, level: Leve
     cols = ["grid_cell", *(["pixel_bbox"] if level == "fragment" else []), "acquisitions_a", "acquisitions_b",
             "spread_a", "spread_b", "cosine_distance", "change_score", "spread_pooled", "changed"]
     if not parts:
-        return pd.DataFrame(columns=cols)
+        return pd.DataFrame(columns=["window_a", "window_b", *cols])
     df = pd.concat(parts, ignore_index=True)
     floors = {}
     for side in ("a", "b"):
