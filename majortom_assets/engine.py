@@ -58,6 +58,10 @@ _TORCH_DTYPES = {np.dtype(np.uint16): torch.uint16, np.dtype(np.float32): torch.
 # Above this a batch of 224 px 13-band fragments alone needs > 10 GB; OOM halving starts from
 # the configured size, so a larger value only wastes the first attempts (or the host's memory).
 MAX_BATCH_SIZE = 4096
+# Embedding files: rows sorted by grid row, column and time, in row groups this small, so a point
+# or area look-up (vectors/extract.py) reads only the row groups its cells' statistics select.
+EMBEDDING_ROW_GROUP_ROWS = 1024
+_LOCALITY_ORDER = ["grid_row_u", "grid_col_r", "timestamp"]
 
 
 class EngineConfig(BaseModel):
@@ -471,6 +475,9 @@ def embed_to_file(
         embedder, source_collection or collection.url, device=str(run.device), precision=run.precision,
     )
 
+    if all(c in metadata.columns for c in _LOCALITY_ORDER):
+        metadata = metadata.sort_values(_LOCALITY_ORDER, kind="stable")
+
     def tables() -> Iterator[pa.Table]:
         for item in _pipeline(run, _records(metadata)):
             stats.add(item)
@@ -482,7 +489,7 @@ def embed_to_file(
             raise _KeepExisting   # aborts the atomic write: the temp file goes, the old file stays
 
     try:
-        geoparquet.write_embeddings(out_path, tables(), info)
+        geoparquet.write_embeddings(out_path, tables(), info, row_group_size=EMBEDDING_ROW_GROUP_ROWS)
     except _KeepExisting:
         stats.kept_existing = True
     stats.batch_size = run.batch_size

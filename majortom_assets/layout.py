@@ -133,6 +133,10 @@ class StorageLayout:
         ``cells/row=<ROW>/cells.parquet`` and ``fragments/row=<ROW>/fragments.parquet``."""
         return self.inside("reports", _segment(model, "model"), "change")
 
+    def window_change_file(self, model: str) -> Path:
+        """Change between two time windows per cell (`timeseries/<model>/window_change`)."""
+        return self.inside("reports", _segment(model, "model"), "window_change.parquet")
+
     def sql_database(self) -> Path:
         """The DuckDB catalog of views over every model's embeddings (`vectors/sql_catalog`)."""
         return self.inside("sql", "majortom.duckdb")

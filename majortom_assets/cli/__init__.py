@@ -4,6 +4,7 @@
     index ...   majortom_assets.cli.vectors   index, search, export, pca-map, evaluate, timeseries, sql
     released    majortom_assets.cli.released  quirks report and normalised view of a published set
     alphaearth  majortom_assets.cli.alphaearth AlphaEarth annual embeddings -> Table 2 files
+    extract     majortom_assets.cli.extract   embeddings at points / over areas -> GeoParquet
 
 Shared argument types and error handling live in `majortom_assets.cli.common`. The command line
 knows nothing of Dagster: it calls the same library functions the assets call.
@@ -15,9 +16,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from majortom_assets.cli import alphaearth, embed, released, vectors
+from majortom_assets.cli import alphaearth, embed, extract, released, vectors
 
-COMMAND_MODULES = (embed, vectors, released, alphaearth)
+COMMAND_MODULES = (embed, vectors, extract, released, alphaearth)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -57,14 +57,21 @@ def run_search(args) -> int:
     index = SearchIndex.load(index_dir)
     flt = SearchFilter(bbox=tuple(args.bbox) if args.bbox else None, start=args.start, end=args.end,
                        rows=rows_list(args.rows))
-    vector = None
+    vector = qv = None
     if args.vector_file is not None:
         vector = _load_vector(args.vector_file)
+    from majortom_assets.cli import query as query_cli
+
+    if query_cli.wants_query_model(args):
+        vector, qv = query_cli.query_vectors(args, index)
     result = index.query(vector, cell=args.cell, unique_id=args.unique_id,
                          latlon=tuple(args.latlon) if args.latlon else None, k=args.k, filters=flt,
                          cell_mode=args.cell_mode, exclude_query=args.exclude_query, nprobe=args.nprobe)
     cols = ["rank", "similarity", "distance", "grid_cell", "timestamp", "centre_lat", "centre_lon",
             "unique_id"] + (["geometry", "pixel_bbox", "product_id"] if args.format == "json" else [])
+    if qv is not None and len(qv.labels) > 1:     # one query per image fragment
+        result["query_fragment"] = [qv.labels[q] for q in result["query"]]
+        cols = ["query_fragment", *cols]
     print_frame(result[cols], args.format)
     return 0
 
@@ -153,8 +160,11 @@ def _read_labels(path: Path) -> pd.DataFrame:
 
 @handles_errors
 def run_timeseries(args) -> int:
+    from majortom_assets.cli import windows as window_cli
     from majortom_assets.vectors.timeseries import change_scores, series_for
 
+    if window_cli.wants_windows(args):
+        return window_cli.run_windows(args)
     series = series_for(selected_paths(args), args.cell, args.pixel_bbox)
     per_fragment, per_cell = change_scores(series)
     if args.format == "json":
@@ -190,6 +200,18 @@ def run_sql(args) -> int:
 
 
 # ---------------------------------------------------------------------------------- register
+def _add_query_arguments(q, p: argparse.ArgumentParser) -> None:
+    from majortom_assets.cli.query import add_query_arguments
+
+    add_query_arguments(q, p)
+
+
+def _add_window_arguments(p: argparse.ArgumentParser) -> None:
+    from majortom_assets.cli.windows import add_window_arguments
+
+    add_window_arguments(p)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("index", help="build a similarity-search index of one model's embeddings")
     add_root_model(p)
@@ -208,6 +230,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--unique-id", help="fragment unique_id")
     q.add_argument("--latlon", nargs=2, type=float_arg, metavar=("LAT", "LON"), help="a place; mapped to its cell")
     q.add_argument("--vector-file", type=Path, help=".npy, .csv or whitespace-separated text with one vector")
+    _add_query_arguments(q, p)
     p.add_argument("-k", type=positive_int, default=10, help="results to return (default 10)")
     p.add_argument("--bbox", nargs=4, type=float_arg, metavar=("W", "S", "E", "N"),
                    help="only fragments whose centre lies in this lon/lat box (W > E crosses 180°)")
@@ -252,13 +275,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "for several)")
     p.set_defaults(func=run_evaluate)
 
-    p = subparsers.add_parser("timeseries", help="embedding time series and change scores of one cell")
+    p = subparsers.add_parser("timeseries", help="embedding time series and change scores of one cell, or "
+                              "of every cell between two time windows (--window, --compare)")
     add_root_model(p)
-    p.add_argument("--cell", type=cell_arg, required=True)
+    p.add_argument("--cell", type=cell_arg, help="one cell's date-to-date change (or use --window)")
     p.add_argument("--pixel-bbox", nargs=4, type=int, metavar=("R0", "C0", "R1", "C1"),
                    help="one fragment (default: all fragments of the cell)")
     p.add_argument("--per-fragment", action="store_true", help="table: per-fragment scores instead of cell means")
     p.add_argument("--format", default="table", choices=["table", "json"])
+    _add_window_arguments(p)
     p.set_defaults(func=run_timeseries)
 
     p = subparsers.add_parser("sql", help="run read-only DuckDB SQL over the embeddings (one view per model)")

@@ -59,6 +59,10 @@ def change_key(model: str) -> dg.AssetKey:
     return dg.AssetKey(["vectors", model_slug(model), "change"])
 
 
+def window_change_key(model: str) -> dg.AssetKey:
+    return dg.AssetKey(["timeseries", model_slug(model), "window_change"])
+
+
 SQL_CATALOG_KEY = dg.AssetKey(["vectors", "sql_catalog"])
 
 

@@ -133,12 +133,65 @@ def connect(root: str | os.PathLike | None = None, database: str = ":memory:",
             f'FROM "{view}" t, (SELECT embedding FROM "{view}" WHERE unique_id = uid LIMIT 1) q '
             f"ORDER BY similarity DESC LIMIT k"
         )
+        add_window_macros(con, view)
         rows.append((model, view, dim, len(paths)))
     con.execute(f"CREATE OR REPLACE TABLE {MODELS_VIEW} (model VARCHAR, view VARCHAR, dim INTEGER, "
                 f"partitions INTEGER)")
     if rows:
         con.executemany(f"INSERT INTO {MODELS_VIEW} VALUES (?, ?, ?, ?)", rows)
     return con
+
+
+def add_window_macros(con: duckdb.DuckDBPyConnection, view: str) -> None:
+    """Time-window macros of one model view (definitions: `majortom_assets.vectors.windows`).
+
+    * ``<view>_window(t0, t1)``: per cell, over the acquisitions between the days t0 and t1 (both
+      included, UTC): ``acquisitions``, ``spread`` (sqrt of the summed per-dimension sample
+      variance of the acquisition unit vectors; NULL for one acquisition), ``first``/``last`` and
+      the normalised mean ``embedding``.
+    * ``<view>_window_change(a0, a1, b0, b1)``: per cell seen in both windows, ``cosine_distance``
+      between the window means and ``change_score`` = squared distance of the means over
+      spread_a²/n_a + spread_b²/n_b (about 1 for noise; NULL when a window has one acquisition —
+      the Python/CLI version borrows a pooled spread there instead).
+
+    An acquisition is one product of a cell: the mean of its L2-normalised fragment vectors,
+    normalised again, exactly as `windows.acquisitions(level="cell")` computes it.
+    """
+    v = view
+    con.execute(
+        f'CREATE OR REPLACE MACRO "{v}_window_dims"(t0, t1) AS TABLE '
+        f"WITH frag AS ("
+        f"  SELECT grid_cell, product_id, timestamp AS ts,"
+        f"    unnest(range(len(CAST(embedding AS FLOAT[])))) AS i,"
+        f"    unnest(CAST(embedding AS FLOAT[])) / sqrt(array_inner_product(embedding, embedding)) AS v"
+        f'  FROM "{v}"'
+        f"  WHERE timestamp >= timezone('UTC', CAST(CAST(t0 AS DATE) AS TIMESTAMP))"
+        f"    AND timestamp < timezone('UTC', CAST(CAST(t1 AS DATE) + 1 AS TIMESTAMP))"
+        f"), acq AS ("
+        f"  SELECT grid_cell, product_id, min(ts) AS ts, i, avg(v) AS v FROM frag GROUP BY grid_cell, product_id, i"
+        f"), unit AS ("
+        f"  SELECT grid_cell, product_id, ts, i,"
+        f"    v / sqrt(sum(v * v) OVER (PARTITION BY grid_cell, product_id)) AS v FROM acq"
+        f") SELECT grid_cell, i, avg(v) AS m, var_samp(v) AS var, count(*) AS n, min(ts) AS first,"
+        f"  max(ts) AS last FROM unit GROUP BY grid_cell, i"
+    )
+    con.execute(
+        f'CREATE OR REPLACE MACRO "{v}_window"(t0, t1) AS TABLE '
+        f"WITH d AS (SELECT *, sqrt(sum(m * m) OVER (PARTITION BY grid_cell)) AS norm "
+        f'  FROM "{v}_window_dims"(t0, t1)) '
+        f"SELECT grid_cell, any_value(n) AS acquisitions, sqrt(sum(var)) AS spread, min(first) AS first,"
+        f"  max(last) AS last, list(m / norm ORDER BY i) AS embedding FROM d GROUP BY grid_cell"
+    )
+    con.execute(
+        f'CREATE OR REPLACE MACRO "{v}_window_change"(a0, a1, b0, b1) AS TABLE '
+        f"SELECT grid_cell, any_value(a.n) AS acquisitions_a, any_value(b.n) AS acquisitions_b,"
+        f"  sqrt(sum(a.var)) AS spread_a, sqrt(sum(b.var)) AS spread_b,"
+        f"  1 - sum(a.m * b.m) / sqrt(sum(a.m * a.m) * sum(b.m * b.m)) AS cosine_distance,"
+        f"  sum((a.m - b.m) * (a.m - b.m)) / nullif(sum(a.var) / any_value(a.n) + sum(b.var) / any_value(b.n), 0)"
+        f"    AS change_score "
+        f'FROM "{v}_window_dims"(a0, a1) a JOIN "{v}_window_dims"(b0, b1) b USING (grid_cell, i) '
+        f"GROUP BY grid_cell ORDER BY change_score DESC NULLS LAST, grid_cell"
+    )
 
 
 def open_database(path: str | os.PathLike, read_only: bool = True,

@@ -87,6 +87,7 @@ def write_synthetic(
     n_classes: int = 4, timestamps: int = 1, fragment_size: int = 224, image_size: int = CORE_IMAGE_SIZE,
     seed: int = 0, class_scale: float = 1.0, cell_scale: float = 0.3, fragment_scale: float = 0.1,
     date_scale: float = 0.02, changed_fraction: float = 0.0, change_scale: float = 1.0,
+    row_group_size: int | None = None,
 ) -> SyntheticEmbeddings:
     """Write ``<root>/embeddings/<model>/row=<ROW>/embeddings.parquet`` for the given cells.
 
@@ -132,7 +133,8 @@ def write_synthetic(
     paths = []
     for row in sorted(tables_by_row):
         path = Path(root) / "embeddings" / model / f"row={row}" / "embeddings.parquet"
-        paths.append(geoparquet.write_embeddings(path, tables_by_row[row], info))
+        extra = {} if row_group_size is None else {"row_group_size": row_group_size}
+        paths.append(geoparquet.write_embeddings(path, tables_by_row[row], info, **extra))
     labels = pd.DataFrame({"grid_cell": cells, "class_id": classes.astype(np.int64),
                            "centre_lat": lats, "centre_lon": lons})
     return SyntheticEmbeddings(Path(root), model, paths, labels, dates, changed)
