@@ -79,7 +79,10 @@ class SharedSlots:
         tensor = torch.from_numpy(array)
         pinned = False
         if self.pin:
-            pinned = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), nbytes, 0) == 0
+            try:
+                pinned = int(torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), nbytes, 0)) == 0
+            except Exception:  # noqa: BLE001 -- no registration: copies are synchronous, still correct
+                pinned = False
         with self._lock:
             self._segments[tensor.data_ptr()] = (segment, pinned)
             self._names[tensor.data_ptr()] = segment.name
@@ -95,7 +98,10 @@ class SharedSlots:
             segments, self._segments, self._free, self._names = self._segments, {}, {}, {}
         for ptr, (segment, pinned) in segments.items():
             if pinned:
-                torch.cuda.cudart().cudaHostUnregister(ptr)
+                try:
+                    torch.cuda.cudart().cudaHostUnregister(ptr)
+                except Exception:  # noqa: BLE001,S110 -- the segment goes anyway
+                    pass
             try:
                 segment.close()
             except BufferError:   # a tensor still views it: the mapping goes when that tensor does
@@ -173,7 +179,7 @@ class _Pending:
 
     def __init__(self, owner: ProcessPreparer, row: dict[str, Any], buffer: torch.Tensor, attempt: int = 0) -> None:
         self.owner, self.row, self.buffer, self.attempt = owner, row, buffer, attempt
-        self.future: Future = owner._send(row, buffer)
+        self.future, self.executor = owner._send(row, buffer)
 
     def cancel(self) -> bool:
         cancelled = self.future.cancel()
@@ -186,9 +192,9 @@ class _Pending:
             out = self.future.result()
         except BrokenProcessPool:
             # a worker died (a decoder crash): that sample fails, the others are retried once
-            self.owner._restart()
+            self.owner._restart(self.executor)
             if self.attempt == 0:
-                self.future = self.owner._send(self.row, self.buffer)
+                self.future, self.executor = self.owner._send(self.row, self.buffer)
                 self.attempt = 1
                 return self.result()
             out = SampleFailure(str(self.row.get("product_id")), str(self.row.get("grid_cell")),
@@ -234,14 +240,23 @@ class ProcessPreparer:
                                                      initializer=_init_worker, initargs=self._initargs)
             return self._executor
 
-    def _restart(self) -> None:
+    def _restart(self, broken: ProcessPoolExecutor) -> None:
+        """Drop a broken pool (once, however many of its futures report it); the next send starts one."""
         with self._lock:
-            executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=False, cancel_futures=True)
+            if self._executor is not broken:
+                return
+            self._executor = None
+        broken.shutdown(wait=False, cancel_futures=True)
 
-    def _send(self, row: dict[str, Any], buffer: torch.Tensor) -> Future:
-        return self._pool().submit(_prepare_in_worker, row, self.slots.name_of(buffer), self.shape, self.dtype.str)
+    def _send(self, row: dict[str, Any], buffer: torch.Tensor) -> tuple[Future, ProcessPoolExecutor]:
+        executor = self._pool()
+        try:
+            future = executor.submit(_prepare_in_worker, row, self.slots.name_of(buffer), self.shape, self.dtype.str)
+        except BrokenProcessPool:   # broke since it was handed out: one fresh pool
+            self._restart(executor)
+            executor = self._pool()
+            future = executor.submit(_prepare_in_worker, row, self.slots.name_of(buffer), self.shape, self.dtype.str)
+        return future, executor
 
     def submit(self, row: dict[str, Any]) -> _Pending:
         return _Pending(self, row, self.slots.take(self.shape, self.torch_dtype))
