@@ -17,14 +17,13 @@ from majortom_assets import engine
 from majortom_assets.core import CoreCollection
 from majortom_assets.models import load_embedder
 
-CRASH_CELL_ENV = "MAJORTOM_TEST_CRASH_CELL"
-
-
 class CrashingCollection(CoreCollection):
-    """Kills the decode worker process that reads the cell named in the environment."""
+    """Kills the decode worker process that reads `crash_cell` (pickled along to the workers)."""
+
+    crash_cell: str | None = None
 
     def read_raw(self, parquet_url, parquet_row, columns, *, product_id=None, grid_cell=None):
-        if grid_cell == os.environ.get(CRASH_CELL_ENV):
+        if grid_cell == self.crash_cell:
             os._exit(13)
         return super().read_raw(parquet_url, parquet_row, columns, product_id=product_id, grid_cell=grid_cell)
 
@@ -57,11 +56,10 @@ def test_processes_give_the_threads_rows_and_failures(name, fixture, request, tm
     assert _shm_segments() <= before   # every slot unlinked
 
 
-def test_a_dying_worker_costs_only_its_sample(s2l1c_collection, tmp_path, monkeypatch):
+def test_a_dying_worker_costs_only_its_sample(s2l1c_collection, tmp_path):
     collection = CrashingCollection(str(s2l1c_collection))
     metadata = collection.metadata().head(4)
-    victim = str(metadata.loc[1, "grid_cell"])
-    monkeypatch.setenv(CRASH_CELL_ENV, victim)   # inherited by the workers
+    victim = collection.crash_cell = str(metadata.loc[1, "grid_cell"])
     stats, table = _embed(collection, metadata, "ssl4eo-s2", tmp_path / "out.parquet", 2)
     assert [f.grid_cell for f in stats.failures] == [victim]
     assert "decode worker process died" in stats.failures[0].reason
