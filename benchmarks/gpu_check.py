@@ -42,7 +42,6 @@ if __package__ in (None, ""):   # run as a script: make the repository importabl
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
-import pandas as pd
 import torch
 
 from majortom_assets import engine, geotiff, synthetic
