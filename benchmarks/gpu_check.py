@@ -85,8 +85,8 @@ FULL = Plan(tiny=False, size=engine.CORE_IMAGE_SIZE, unique_cells=16, batch_size
 # 390 px (a multiple of 6 above SigLIP's 384 px fragment): 4 fragments of 224 px per cell, 1 of 384
 QUICK = Plan(tiny=True, size=390, unique_cells=2, batch_size=8,
              forward_window=0.5, e2e_window=1.5, e2e_warmup_cells=2, worker_counts=(1, 2),
-             budget_synthetic=120.0, budget_forward=30.0, budget_e2e=30.0, budget_sweep_run=12.0,
-             total_budget=400.0)
+             budget_synthetic=120.0, budget_forward=60.0, budget_e2e=45.0, budget_sweep_run=45.0,
+             total_budget=600.0)
 
 
 @dataclass
@@ -371,6 +371,10 @@ class Check:
 
         def synth(clock: Clock) -> None:
             started = time.perf_counter()
+            if _HAS_PROCESSES:   # the decode workers' fork server imports while the rest runs
+                from majortom_assets.decode_processes import worker_context
+
+                worker_context(start=True)
             paths = make_collections(tmp, plan, sources)
             self.collections = {s: CoreCollection(str(p)) for s, p in paths.items()}
             self.report.add(Row("setup", "", f"synthetic collections {sorted(sources)}",

@@ -174,6 +174,23 @@ def _prepare_in_worker(row: dict[str, Any], name: str, shape: tuple[int, ...], d
 
 
 # ---- main side ------------------------------------------------------------------------------
+def worker_context(start: bool = False):
+    """The fork server the workers come from, preloaded with the engine (spawn where there is none).
+
+    ``start=True`` launches the server now, so its imports overlap other work instead of delaying
+    the first run's first samples.
+    """
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__, "majortom_assets.engine"])
+    if start:
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+    return context
+
+
 class _Pending:
     """A row being prepared by a worker; ``result()`` is the engine's ``_Prepared`` or a failure."""
 
@@ -227,11 +244,7 @@ class ProcessPreparer:
         self._lock = threading.Lock()
 
     def _context(self):
-        if "forkserver" in multiprocessing.get_all_start_methods():
-            context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload([__name__, "majortom_assets.engine"])
-            return context
-        return multiprocessing.get_context("spawn")
+        return worker_context()
 
     def _pool(self) -> ProcessPoolExecutor:
         with self._lock:
@@ -269,4 +282,4 @@ class ProcessPreparer:
         self.slots.close()
 
 
-__all__ = ["ProcessPreparer", "SharedSlots"]
+__all__ = ["ProcessPreparer", "SharedSlots", "worker_context"]
