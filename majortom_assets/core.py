@@ -9,6 +9,7 @@ release the GIL -- straight into one preallocated ``(bands, size, size)`` array.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
@@ -26,7 +27,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-import rasterio
 from pydantic import BaseModel, ConfigDict, PositiveInt, field_validator, model_validator
 
 from majortom_assets import geotiff, grid
@@ -514,6 +514,16 @@ class CoreCollection:
     def __repr__(self) -> str:   # never storage_options: they may hold credentials
         return f"CoreCollection({self.url!r})"
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable for decode worker processes: the filesystem travels, the lock and footer cache do not."""
+        state = self.__dict__.copy()
+        state["_footers"], state["_lock"] = OrderedDict(), None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     # -- paths ---------------------------------------------------------------------------------
     def _join(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts]) if self.root != "/" else "/" + "/".join(parts)
@@ -756,9 +766,18 @@ _POOLS_LOCK = threading.Lock()
 _THREAD_ENV = threading.local()
 
 
+def _gdal_env():
+    """A GDAL environment for bands the direct decoder leaves to rasterio; none without rasterio."""
+    if geotiff.rasterio_available():
+        import rasterio
+
+        return rasterio.Env()
+    return contextlib.nullcontext()
+
+
 def _enter_gdal_env() -> None:
     """Keep one GDAL environment per worker thread instead of one per rasterio.open call."""
-    env = rasterio.Env()
+    env = _gdal_env()
     env.__enter__()
     _THREAD_ENV.env = env
 
@@ -923,7 +942,7 @@ def decode_bands(raw: Mapping[str, Any], bands: Sequence[str], size: int = CORE_
 
     try:
         if workers == 1 or len(bands) == 1:
-            with rasterio.Env():
+            with _gdal_env():
                 decoded = [one(i) for i in range(len(bands))]
         else:
             decoded = list(_pool(workers).map(one, range(len(bands))))

@@ -39,13 +39,14 @@ from majortom_assets.core import (
     REQUIRED_METADATA_COLUMNS,
     BandSizeError,
     CoreCollection,
+    CoreSample,
     SampleError,
     SampleFailure,
     failures_from_table,
     failures_table,
 )
 from majortom_assets.fragment import FragmentLayout, fragment_layout, gather_fragments
-from majortom_assets.models import Embedder, find_invalid_values
+from majortom_assets.models import Embedder, ModelSpec, find_invalid_values
 from majortom_assets.standard import CORE_IMAGE_SIZE
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -74,6 +75,11 @@ class EngineConfig(BaseModel):
     batch_size: int = Field(64, ge=1, le=MAX_BATCH_SIZE,
                             description="fragments per model call (cells are mixed freely)")
     decode_workers: int = Field(2, ge=1, description="threads reading and decoding samples")
+    decode_processes: int = Field(
+        0, ge=0, le=256,
+        description="worker processes that read, decode and fragment samples into shared memory "
+                    "(0 = threads only); they scale past the GIL, which caps threads at ~2 cores",
+    )
     prefetch_samples: int = Field(4, ge=1, description="samples decoded ahead of the model")
     channels_last: bool = Field(True, description="channels-last memory format for CNNs")
     image_size: int = Field(CORE_IMAGE_SIZE, ge=1, description="10 m side the samples are decoded to")
@@ -191,6 +197,43 @@ def _row_value(row: Mapping[str, Any], name: str, default: Any = None) -> Any:
     return default if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
+def _size_reason(exc: BandSizeError, fragment: int) -> str:
+    """'too small' when the band covers less than one fragment, else 'wrong size'."""
+    if exc.side_10m < fragment:
+        return (f"too small: sample is {exc.side_10m} px at 10 m, smaller than the fragment "
+                f"({fragment} px): {exc}")
+    return f"wrong size: {exc}"
+
+
+def read_for_fragments(collection: CoreCollection, spec: ModelSpec, image_size: int, row: Mapping[str, Any]
+                       ) -> tuple[CoreSample, FragmentLayout] | SampleFailure:
+    """Read, decode and check one sample for `spec`; its fragment layout, or why it is skipped.
+
+    The one place that turns read/decode/value/size problems into failures, for decode threads
+    and decode processes alike.
+    """
+    product_id, grid_cell = str(row.get("product_id")), str(row.get("grid_cell"))
+    try:
+        sample = collection.read_sample(row, spec.bands, size=image_size, max_workers=1)
+    except BandSizeError as exc:
+        return SampleFailure(product_id, grid_cell, _size_reason(exc, spec.fragment_size), "decode")
+    except SampleError as exc:
+        return SampleFailure(product_id, grid_cell, f"read failed: {exc}", "decode")
+    except Exception as exc:  # noqa: BLE001 -- an unreadable sample must not stop the others
+        return SampleFailure(product_id, grid_cell, f"read failed: {type(exc).__name__}: {exc}", "decode")
+    pixels = sample.pixels
+    invalid = find_invalid_values(pixels, spec.normalisation, spec.bands)
+    if invalid:
+        return SampleFailure(product_id, grid_cell, f"invalid values: {invalid}", "invalid values")
+    try:
+        layout: FragmentLayout = fragment_layout(
+            pixels.shape[-2], pixels.shape[-1], spec.fragment_size, spec.target_overlap
+        )
+    except ValueError as exc:
+        return SampleFailure(product_id, grid_cell, f"cannot fragment: {exc}", "fragment")
+    return sample, layout
+
+
 class _Run:
     """State of one `embed_samples` call."""
 
@@ -203,7 +246,15 @@ class _Run:
         self.precision = config.resolve_precision(self.device)
         self.batch_size = config.batch_size
         self.cuda = self.device.type == "cuda"
-        self.pool = _BufferPool(pin=self.cuda)
+        self.decoders: ThreadPoolExecutor | None = None
+        self.processes = None
+        if config.decode_processes:
+            from majortom_assets.decode_processes import ProcessPreparer
+
+            self.processes = ProcessPreparer(self, config.decode_processes)
+            self.pool = self.processes.slots
+        else:
+            self.pool = _BufferPool(pin=self.cuda)
         self._staging: torch.Tensor | None = None
         self.channels_last = config.channels_last and embedder.prefers_channels_last
         embedder.to(self.device)
@@ -211,27 +262,19 @@ class _Run:
             embedder.to(memory_format=torch.channels_last)
         embedder.eval()
 
-    # ---- stage 1: background threads
+    # ---- stage 1: background threads (or worker processes: decode_processes.py)
+    def submit(self, row: Mapping[str, Any]) -> Future:
+        """Start preparing a sample; the future's result is a `_Prepared` or a `SampleFailure`."""
+        if self.processes is not None:
+            return self.processes.submit(row)
+        return self.decoders.submit(self.prepare, row)
+
     def prepare(self, row: Mapping[str, Any]) -> _Prepared | SampleFailure:
-        product_id, grid_cell = str(row.get("product_id")), str(row.get("grid_cell"))
-        try:
-            sample = self.collection.read_sample(row, self.spec.bands, size=self.config.image_size, max_workers=1)
-        except BandSizeError as exc:
-            return SampleFailure(product_id, grid_cell, self._size_reason(exc), "decode")
-        except SampleError as exc:
-            return SampleFailure(product_id, grid_cell, f"read failed: {exc}", "decode")
-        except Exception as exc:  # noqa: BLE001 -- an unreadable sample must not stop the others
-            return SampleFailure(product_id, grid_cell, f"read failed: {type(exc).__name__}: {exc}", "decode")
+        read = read_for_fragments(self.collection, self.spec, self.config.image_size, row)
+        if isinstance(read, SampleFailure):
+            return read
+        sample, layout = read
         pixels = sample.pixels
-        invalid = find_invalid_values(pixels, self.spec.normalisation, self.spec.bands)
-        if invalid:
-            return SampleFailure(product_id, grid_cell, f"invalid values: {invalid}", "invalid values")
-        try:
-            layout: FragmentLayout = fragment_layout(
-                pixels.shape[-2], pixels.shape[-1], self.spec.fragment_size, self.spec.target_overlap
-            )
-        except ValueError as exc:
-            return SampleFailure(product_id, grid_cell, f"cannot fragment: {exc}", "fragment")
         shape = (layout.count, pixels.shape[0], layout.fragment_size, layout.fragment_size)
         # CPU: convert to float32 here, in parallel, so the model thread only normalises in place;
         # CUDA: keep the raw dtype (uint16 is half the bytes to transfer) and widen on the device.
@@ -241,19 +284,14 @@ class _Run:
             gather_fragments(pixels, layout, out=buffer.numpy())
         else:
             self._gather_normalised(pixels, layout, buffer)
-        return _Prepared(
-            row=row, crs=sample.crs, transform=sample.transform, timestamp=sample.timestamp,
-            boxes=layout.boxes, buffer=buffer,
-            embeddings=np.empty((layout.count, self.embedder.embedding_dim), dtype=np.float32),
-        )
+        return self.prepared(row, sample.crs, sample.transform, sample.timestamp, layout.boxes, buffer)
 
-    def _size_reason(self, exc: BandSizeError) -> str:
-        """'too small' when the band covers less than one fragment, else 'wrong size'."""
-        fragment = self.spec.fragment_size
-        if exc.side_10m < fragment:
-            return (f"too small: sample is {exc.side_10m} px at 10 m, smaller than the fragment "
-                    f"({fragment} px): {exc}")
-        return f"wrong size: {exc}"
+    def prepared(self, row: Mapping[str, Any], crs: str, transform: tuple[float, ...], timestamp: Any,
+                 boxes: np.ndarray, buffer: torch.Tensor) -> _Prepared:
+        return _Prepared(
+            row=row, crs=crs, transform=transform, timestamp=timestamp, boxes=boxes, buffer=buffer,
+            embeddings=np.empty((buffer.shape[0], self.embedder.embedding_dim), dtype=np.float32),
+        )
 
     def _gather_normalised(self, pixels: np.ndarray, layout: FragmentLayout, buffer: torch.Tensor) -> None:
         """CPU: copy (+ widen to float32) all fragments, then normalise the buffer in place.
@@ -359,7 +397,8 @@ def embed_samples(
 
 def _pipeline(run: _Run, rows: Iterator[dict[str, Any]]) -> Iterator[pa.Table | SampleFailure]:
     config = run.config
-    decoders = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="majortom-prepare")
+    if run.processes is None:
+        run.decoders = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="majortom-prepare")
     finisher = ThreadPoolExecutor(1, thread_name_prefix="majortom-finish")
     upcoming: deque[Future] = deque()
     outbox: deque[_Prepared | SampleFailure] = deque()   # metadata order
@@ -371,7 +410,7 @@ def _pipeline(run: _Run, rows: Iterator[dict[str, Any]]) -> Iterator[pa.Table | 
             row = next(rows, None)
             if row is None:
                 return
-            upcoming.append(decoders.submit(run.prepare, row))
+            upcoming.append(run.submit(row))
 
     def flush() -> None:
         nonlocal parts, filled
@@ -418,8 +457,11 @@ def _pipeline(run: _Run, rows: Iterator[dict[str, Any]]) -> Iterator[pa.Table | 
     finally:
         for future in upcoming:
             future.cancel()
-        decoders.shutdown(wait=True, cancel_futures=True)
+        if run.decoders is not None:
+            run.decoders.shutdown(wait=True, cancel_futures=True)
         finisher.shutdown(wait=True, cancel_futures=True)
+        if run.processes is not None:
+            run.processes.close()
 
 
 def file_info(embedder: Embedder, source_collection: str, **extra: Any) -> geoparquet.EmbeddingFileInfo:

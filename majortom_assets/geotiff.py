@@ -7,6 +7,11 @@ predictor 1-3, an EPSG projected CRS, a north-up pixel-is-area grid -- is decode
 file, and any damaged one, goes to rasterio, which also words every error message.
 
 This module knows nothing of Core samples: it turns bytes into pixels, a CRS and an affine.
+
+Both libraries are optional so the engine runs on a machine that has neither (the GPU check,
+docs/benchmarks.md "GPU check"): without imagecodecs DEFLATE strips are inflated with the
+standard library's zlib (which releases the GIL) and the integer predictor is undone with numpy;
+without rasterio a file outside the direct decoder's scope is a ``GeoTiffError`` that says so.
 ``MAJORTOM_DIRECT_DECODE=0`` in the environment (or ``DIRECT_DECODE = False``) forces rasterio for
 every band (benchmarks, bisecting a decode issue).
 """
@@ -15,14 +20,19 @@ from __future__ import annotations
 
 import functools
 import os
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import rasterio.crs
-from rasterio.io import MemoryFile
+
+try:  # optional: the direct decoder reads Core's layout without GDAL
+    import rasterio.crs
+    from rasterio.io import MemoryFile
+except ImportError:  # pragma: no cover - depends on the environment
+    rasterio = MemoryFile = None
 
 try:  # optional: without imagecodecs only uncompressed bands take the direct path
     import imagecodecs as _imagecodecs
@@ -52,6 +62,11 @@ class BandInfo:
     transform: tuple[float, ...]    # affine (a, b, c, d, e, f), rasterio order
 
 
+def rasterio_available() -> bool:
+    """Whether files outside the direct decoder's scope can be decoded at all."""
+    return rasterio is not None
+
+
 def imagecodecs_available() -> bool:
     """Whether compressed bands can take the direct path (uncompressed ones always can)."""
     return _imagecodecs is not None
@@ -65,7 +80,7 @@ def _as_buffer(data: Any) -> memoryview:
 _TIFF_TYPES = {1: "u1", 2: "u1", 3: "<u2", 4: "<u4", 6: "i1", 7: "u1", 8: "<i2", 9: "<i4", 11: "<f4",
                12: "<f8", 16: "<u8", 17: "<i8"}
 _TIFF_RATIONAL = 5
-_IFD_ENTRY = np.dtype([("tag", "<u2"), ("type", "<u2"), ("count", "<u4"), ("value", "<u4")])
+IFD_ENTRY = np.dtype([("tag", "<u2"), ("type", "<u2"), ("count", "<u4"), ("value", "<u4")])
 _SAMPLE_DTYPES = {(1, 8): np.dtype("u1"), (1, 16): np.dtype("<u2"), (1, 32): np.dtype("<u4"),
                   (2, 8): np.dtype("i1"), (2, 16): np.dtype("<i2"), (2, 32): np.dtype("<i4"),
                   (3, 32): np.dtype("<f4"), (3, 64): np.dtype("<f8")}
@@ -91,7 +106,7 @@ def _tiff_tags(buf: memoryview) -> dict[int, np.ndarray]:
     if ifd + 2 + n * 12 > len(buf):
         raise NotDirect("IFD outside the file")
     tags: dict[int, np.ndarray] = {}
-    for tag, typ, count, value in np.frombuffer(buf, _IFD_ENTRY, n, ifd + 2).tolist():
+    for tag, typ, count, value in np.frombuffer(buf, IFD_ENTRY, n, ifd + 2).tolist():
         if tag not in _TIFF_KNOWN_TAGS:
             raise NotDirect(f"tag {tag}")
         if typ == _TIFF_RATIONAL:
@@ -124,6 +139,8 @@ def _scalar(tags: dict[int, np.ndarray], tag: int, default: int | None = None) -
 @functools.lru_cache(maxsize=512)
 def _epsg_name(code: int) -> str:
     """rasterio's own spelling of an EPSG CRS, so both decoders return the same string."""
+    if rasterio is None:
+        return f"EPSG:{code}"   # what rasterio spells for every EPSG code the direct path accepts
     return rasterio.crs.CRS.from_epsg(code).to_string()
 
 
@@ -157,7 +174,9 @@ def _decompressor(compression: int):
             return n
         return copy
     if _imagecodecs is None:
-        raise NotDirect("imagecodecs is not installed")
+        if compression in (_COMPRESSION_DEFLATE, _COMPRESSION_ADOBE_DEFLATE):
+            return _zlib_inflate
+        raise NotDirect(f"compression {compression} needs imagecodecs, which is not installed")
     decode = {_COMPRESSION_DEFLATE: _imagecodecs.deflate_decode,
               _COMPRESSION_ADOBE_DEFLATE: _imagecodecs.deflate_decode,
               _COMPRESSION_ZSTD: _imagecodecs.zstd_decode,
@@ -168,6 +187,16 @@ def _decompressor(compression: int):
     def run(src: memoryview, dst: memoryview) -> int:
         return len(decode(src, out=dst))
     return run
+
+
+def _zlib_inflate(src: memoryview, dst: memoryview) -> int:
+    """DEFLATE without imagecodecs: one extra copy, zlib itself runs outside the GIL."""
+    data = zlib.decompress(src, bufsize=max(len(dst), 1))
+    n = len(data)
+    if n > len(dst):
+        raise NotDirect("strip decodes to more bytes than it holds")
+    dst[:n] = data
+    return n
 
 
 def _unpredict(block: np.ndarray, predictor: int) -> None:
@@ -302,7 +331,7 @@ def _read_direct_into(tiff: _TiffBand, buf: memoryview, dst: np.ndarray) -> None
             dst[...] = native
     except NotDirect:
         raise
-    except (ValueError, TypeError, RuntimeError) as exc:
+    except (ValueError, TypeError, RuntimeError, zlib.error) as exc:
         raise NotDirect(f"{type(exc).__name__}: {exc}") from exc
     except Exception as exc:
         if not _is_codec_error(exc):
@@ -378,11 +407,13 @@ class GeoTiffBand:
         check_container(self._buf)
         self._tiff: _TiffBand | None = None
         self._memfile = self._ds = self._ds_info = None
+        self._why_not_direct = "the direct decoder is switched off"
         if DIRECT_DECODE if direct is None else direct:
             try:
                 self._tiff = _parse_direct(self._buf)
-            except NotDirect:
+            except NotDirect as exc:
                 self._tiff = None   # out of scope or damaged: rasterio decides, and names the problem
+                self._why_not_direct = str(exc)
         self.info: BandInfo = self._tiff.info if self._tiff is not None else self._open_rasterio()
 
     @property
@@ -391,6 +422,9 @@ class GeoTiffBand:
         return self._tiff is not None
 
     def _open_rasterio(self) -> BandInfo:
+        if rasterio is None:
+            raise GeoTiffError(f"GeoTIFF outside the direct decoder's scope ({self._why_not_direct}) and "
+                               f"rasterio, which would decode it, is not installed")
         if self._ds is None:
             try:
                 self._memfile = MemoryFile(bytes(self._data))
@@ -408,8 +442,9 @@ class GeoTiffBand:
             try:
                 _read_direct_into(self._tiff, self._buf, dst)
                 return dst
-            except NotDirect:
+            except NotDirect as exc:
                 self._tiff = None   # damaged: rasterio decides, and names the problem
+                self._why_not_direct = str(exc)
         info = self._open_rasterio()
         if (info.height, info.width) != dst.shape:
             raise GeoTiffError(f"undecodable GeoTIFF: header says {dst.shape[0]}x{dst.shape[1]}, "

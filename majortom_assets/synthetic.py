@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import io
 import os
+import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,9 +32,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pyproj import Transformer
-from rasterio.io import MemoryFile
 
-from majortom_assets import grid
+from majortom_assets import geotiff, grid
 from majortom_assets.core import LABELS_FILE, band_factor
 from majortom_assets.geoparquet import atomic_output
 from majortom_assets.standard import (
@@ -369,8 +369,15 @@ def _block_mean_stack(maps: np.ndarray, factor: int) -> np.ndarray:
 
 def encode_geotiff(array: np.ndarray, transform: Sequence[float], epsg: int, compress: str = "deflate",
                    nodata: float | None = 0) -> bytes:
-    """A single-band GeoTIFF as bytes (predictor 2 for integers, 3 for floats when compressed)."""
+    """A single-band GeoTIFF as bytes (predictor 2 for integers, 3 for floats when compressed).
+
+    Written by rasterio/GDAL when it is installed, else by :func:`encode_geotiff_numpy` (the GPU
+    check's machine has no GDAL), which covers ``none`` and ``deflate``.
+    """
+    if not geotiff.rasterio_available():
+        return encode_geotiff_numpy(array, transform, epsg, compress, nodata)
     from affine import Affine
+    from rasterio.io import MemoryFile
 
     options: dict = {}
     if compress != "none":
@@ -383,6 +390,74 @@ def encode_geotiff(array: np.ndarray, transform: Sequence[float], epsg: int, com
                           nodata=nodata, **options) as ds:
             ds.write(array, 1)
         return memfile.read()
+
+
+# TIFF field types and the tags a GDAL GeoTIFF band carries, for the numpy writer below
+_SHORT, _LONG, _DOUBLE, _ASCII = 3, 4, 12, 2
+_TIFF_FIELD_DTYPES = {_SHORT: "<u2", _LONG: "<u4", _DOUBLE: "<f8", _ASCII: "u1"}
+_SAMPLE_FORMAT = {"u": 1, "i": 2, "f": 3}
+_STRIP_BYTES = 8192   # GDAL's default strip size, so both writers give the decoder the same work
+
+
+def encode_geotiff_numpy(array: np.ndarray, transform: Sequence[float], epsg: int, compress: str = "deflate",
+                         nodata: float | None = 0) -> bytes:
+    """The same single-band GeoTIFF as GDAL writes, from numpy and zlib alone.
+
+    Strips of ~8 KB like GDAL's default, DEFLATE level 1 with the horizontal predictor for
+    integers (floats unpredicted: the floating-point predictor needs imagecodecs to read back),
+    a north-up pixel-is-area grid (pixel scale + tie point) and a projected EPSG GeoKey directory.
+    """
+    if compress not in ("deflate", "none"):
+        raise ValueError(f"GeoTIFF compression {compress!r} needs rasterio; without it use deflate or none")
+    array = np.ascontiguousarray(array)
+    if array.ndim != 2 or array.dtype.kind not in _SAMPLE_FORMAT:
+        raise ValueError(f"expected a 2-d integer or float array, got {array.dtype} {array.shape}")
+    array = array.astype(array.dtype.newbyteorder("<"), copy=False)
+    height, width = array.shape
+    a, b, c, d, e, f = (float(v) for v in transform[:6])
+    if b != 0.0 or d != 0.0 or e >= 0.0:
+        raise ValueError(f"only north-up grids can be written without rasterio, got {tuple(transform[:6])}")
+    predictor = 2 if compress == "deflate" and array.dtype.kind in "ui" else 1
+    rows = max(1, _STRIP_BYTES // (width * array.dtype.itemsize))
+    if predictor == 2:   # horizontal differencing, wrapping like the decoder's cumulative sum
+        array = np.concatenate([array[:, :1], np.diff(array, axis=1)], axis=1).astype(array.dtype)
+    strips = [array[r: r + rows].tobytes() for r in range(0, height, rows)]
+    if compress == "deflate":
+        strips = [zlib.compress(strip, 1) for strip in strips]
+    geokeys = [1, 1, 0, 3, 1024, 0, 1, 1, 1025, 0, 1, 1, 3072, 0, 1, int(epsg)]
+    tags: list[tuple[int, int, list | bytes]] = [
+        (256, _LONG, [width]), (257, _LONG, [height]), (258, _SHORT, [8 * array.dtype.itemsize]),
+        (259, _SHORT, [8 if compress == "deflate" else 1]), (262, _SHORT, [1]),
+        (273, _LONG, [0] * len(strips)), (277, _SHORT, [1]), (278, _LONG, [rows]),
+        (279, _LONG, [len(s) for s in strips]), (284, _SHORT, [1]), (317, _SHORT, [predictor]),
+        (339, _SHORT, [_SAMPLE_FORMAT[array.dtype.kind]]), (33550, _DOUBLE, [a, -e, 0.0]),
+        (33922, _DOUBLE, [0.0, 0.0, 0.0, c, f, 0.0]), (34735, _SHORT, geokeys),
+    ]
+    if nodata is not None:
+        tags.append((42113, _ASCII, f"{nodata:g}".encode() + b"\0"))
+    ifd_offset = 8
+    data_offset = ifd_offset + 2 + 12 * len(tags) + 4
+    blobs: list[bytes] = []   # out-of-line tag values, in tag order; the strips follow them
+    entries: list[list[int]] = []
+    slot: dict[int, int] = {}  # tag -> index of its blob
+    for tag, typ, values in tags:
+        raw = bytes(values) if typ == _ASCII else np.asarray(values, _TIFF_FIELD_DTYPES[typ]).tobytes()
+        if len(raw) <= 4:   # the value sits in the entry itself
+            entries.append([tag, typ, len(values), int.from_bytes(raw.ljust(4, b"\0"), "little")])
+        else:
+            slot[tag] = len(blobs)
+            entries.append([tag, typ, len(values), data_offset + sum(len(x) for x in blobs)])
+            blobs.append(raw)
+    position = data_offset + sum(len(x) for x in blobs)
+    strip_offsets = np.cumsum([position] + [len(x) for x in strips[:-1]]).astype("<u4")
+    offsets_entry = next(entry for entry in entries if entry[0] == 273)
+    if 273 in slot:
+        blobs[slot[273]] = strip_offsets.tobytes()
+    else:
+        offsets_entry[3] = int(strip_offsets[0])
+    header = b"II*\x00" + ifd_offset.to_bytes(4, "little")
+    ifd = len(entries).to_bytes(2, "little") + np.array([tuple(x) for x in entries], geotiff.IFD_ENTRY).tobytes()
+    return b"".join([header, ifd, bytes(4), *blobs, *strips])
 
 
 def _thumbnail(bands: dict[str, np.ndarray], source: str) -> bytes:
