@@ -96,7 +96,12 @@ def filesystem(location: str | os.PathLike):
 
     if not is_url(location):
         return fsspec.filesystem("file"), str(Path(location).resolve())
-    fs, path = fsspec.core.url_to_fs(str(location))
+    try:
+        fs, path = fsspec.core.url_to_fs(str(location))
+    except ImportError as exc:   # e.g. s3:// without s3fs, gs:// without gcsfs
+        raise ValueError(f"cannot open {location}: {exc}") from None
+    except ValueError as exc:    # unknown protocol
+        raise ValueError(f"cannot open {location}: {exc}") from None
     return fs, path
 
 
@@ -113,6 +118,8 @@ def open_input(location: str | os.PathLike, counter: ByteCounter | None = None) 
             size = int(getattr(raw, "size", None) or fs.size(path))
     except FileNotFoundError:
         raise FileNotFoundError(f"embedding file {location} does not exist") from None
+    except OSError as exc:      # connection refused, timeouts, permissions: name the file
+        raise ValueError(f"cannot open embedding file {location}: {exc}") from None
     if counter is not None:
         counter.sizes[str(location)] = size
     return CountingFile(raw, counter, size)
