@@ -20,7 +20,7 @@ from majortom_assets.cli.common import add_root_model, date_arg, handles_errors,
 def _sources(args) -> list:
     if args.files:
         return list(args.files)
-    if not args.model:
+    if not args.model and not getattr(args, "released", None):
         raise ValueError("give --model (with --root) or --files")
     return selected_paths(args)
 

@@ -361,7 +361,7 @@ def _extract_file(location: str, places: Places, keys: np.ndarray | None, start,
     out = meta.take(pa.array(hit))
     out = out.append_column("embedding", pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1]))
     out = out.append_column("place_id", pa.array(place_i.astype(np.int64)))
-    out = out.append_column("source", pa.array(np.full(len(hit), location, dtype=object), pa.string()))
+    out = out.append_column("source", pa.array(np.full(len(hit), plan.location, dtype=object), pa.string()))
     return out.replace_schema_metadata({b"random_weights": b"1" if info and info.random_weights else b"0",
                                         b"model": (info.model if info else "").encode()})
 
@@ -405,9 +405,11 @@ def extract(sources: Sequence[str | os.PathLike], places: Places, *, start=None,
     keys = candidate_cells(places) if places.kind == "points" else None
     rows = _candidate_rows(keys) if keys is not None else None
     plans, parts, random_weights = [], [], False
+    from majortom_assets.remote import redact_url
+
     for src in sources:
         location = str(src)
-        plan = FilePlan(location, 0)
+        plan = FilePlan(redact_url(location), 0)    # what is shown and stored: never credentials
         plans.append(plan)
         row = _row_of(location)
         if rows is not None and row is not None and row not in rows:

@@ -96,12 +96,22 @@ def filesystem(location: str | os.PathLike):
 
     if not is_url(location):
         return fsspec.filesystem("file"), str(Path(location).resolve())
-    fs, path = fsspec.core.url_to_fs(str(location))
+    from majortom_assets.remote import redact_url, with_timeouts
+
+    protocol = str(location).split("://", 1)[0]
+    try:
+        fs, path = fsspec.core.url_to_fs(str(location), **with_timeouts(protocol))
+    except (ImportError, ValueError) as exc:   # s3:// without s3fs, unknown protocol
+        raise ValueError(f"cannot open {redact_url(str(location))}: {exc}") from None
     return fs, path
 
 
 def open_input(location: str | os.PathLike, counter: ByteCounter | None = None) -> CountingFile:
-    """One read handle on a local file or URL; its size is recorded in ``counter``."""
+    """One read handle on a local file or URL (connect/read timeouts of `remote.with_timeouts`);
+    its size is recorded in ``counter`` under the URL without credentials."""
+    from majortom_assets.remote import redact_text, redact_url
+
+    shown = redact_url(str(location))
     fs, path = filesystem(location)
     protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
     try:
@@ -112,7 +122,9 @@ def open_input(location: str | os.PathLike, counter: ByteCounter | None = None) 
             raw = fs.open(path, "rb", cache_type="none")
             size = int(getattr(raw, "size", None) or fs.size(path))
     except FileNotFoundError:
-        raise FileNotFoundError(f"embedding file {location} does not exist") from None
+        raise FileNotFoundError(f"embedding file {shown} does not exist") from None
+    except OSError as exc:      # connection refused, timeouts, permissions: name the file
+        raise ValueError(f"cannot open embedding file {shown}: {redact_text(exc)}") from None
     if counter is not None:
-        counter.sizes[str(location)] = size
+        counter.sizes[shown] = size
     return CountingFile(raw, counter, size)

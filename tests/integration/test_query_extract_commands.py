@@ -145,6 +145,8 @@ def test_extract_over_http_reads_the_same_rows_and_few_bytes(store):
         counter = ByteCounter()
         remote = extract.extract(urls, places, counter=counter)
     assert remote.table.column("unique_id").to_pylist() == local.table.column("unique_id").to_pylist()
+    sources = set(remote.table.column("source").to_pylist())
+    assert sources and all(s.startswith("http://***@127.0.0.1") for s in sources)     # no password stored
     assert sum(p.skipped for p in remote.plans) == 2            # other rows: no request at all
     assert counter.bytes_read < 0.6 * counter.bytes_total, counter.summary()
 
