@@ -621,3 +621,15 @@ def test_read_sample_accepts_dicts_and_namedtuples(l1c):
     np.testing.assert_array_equal(from_series.pixels, from_dict.pixels)
     np.testing.assert_array_equal(from_series.pixels, from_tuple.pixels)
     assert from_tuple.timestamp == from_series.timestamp
+
+
+def test_labels_live_on_the_collection(s2l2a_collection, tmp_path):
+    collection = CoreCollection(str(s2l2a_collection))
+    assert collection.labels_path == f"{s2l2a_collection}/{core.LABELS_FILE}"
+    labels = collection.labels()
+    assert list(labels.columns)[:3] == ["grid_cell", "class_id", "class_name"]
+    assert set(labels["grid_cell"]) == set(collection.metadata()["grid_cell"])
+    bare = tmp_path / "Core-bare"
+    bare.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"Core-bare has no labels.parquet \(grid_cell, class_id"):
+        CoreCollection(str(bare)).labels()
