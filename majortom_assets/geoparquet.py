@@ -1070,33 +1070,34 @@ def _row_problems(batch: pa.RecordBatch, info: EmbeddingFileInfo | None, first: 
     """Cell names, row/col ints, pixel boxes and centres of one batch against each other."""
     problems: list[str] = []
 
-    def report(what: str, bad: np.ndarray, values: Any) -> None:
+    def report(what: str, bad: np.ndarray, value: Any) -> None:
+        """`value(i)` describes row i; called only for the (at most 3) rows shown."""
         idx = np.flatnonzero(bad)
         if len(idx):
-            shown = ", ".join(f"row {first + i}: {values[i]!r}" for i in idx[:3])
+            shown = ", ".join(f"row {first + i}: {value(i)!r}" for i in idx[:3])
             problems.append(f"{len(idx)} row(s) {what} ({shown}{', ...' if len(idx) > 3 else ''})")
 
     cells = batch.column("grid_cell").to_numpy(zero_copy_only=False)
     ok, rows, cols = grid.valid_cells(cells)
-    report("with a grid_cell that is not a grid cell", ~ok, cells)
+    report("with a grid_cell that is not a grid cell", ~ok, lambda i: cells[i])
     row_u = batch.column("grid_row_u").to_numpy(zero_copy_only=False)
     col_r = batch.column("grid_col_r").to_numpy(zero_copy_only=False)
     report("whose grid_row_u/grid_col_r disagree with grid_cell", ok & ((row_u != rows) | (col_r != cols)),
-           [f"{c} vs ({r}, {k})" for c, r, k in zip(cells, row_u, col_r, strict=True)])
+           lambda i: f"{cells[i]} vs ({row_u[i]}, {col_r[i]})")
     boxes = batch.column("pixel_bbox").flatten().to_numpy(zero_copy_only=False).astype(np.int64).reshape(-1, 4)
     height, width = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     side = info.fragment_size if info is not None else height
     report(f"with a pixel_bbox that is not a {side} px fragment",
-           (boxes[:, :2] < 0).any(axis=1) | (height != side) | (width != side), boxes.tolist())
+           (boxes[:, :2] < 0).any(axis=1) | (height != side) | (width != side), lambda i: boxes[i].tolist())
     utm = shapely.from_wkt(batch.column("utm_footprint").to_numpy(zero_copy_only=False), on_invalid="ignore")
     readable = ~shapely.is_missing(utm)
-    report("with an unreadable utm_footprint", ~readable, batch.column("utm_footprint").to_pylist())
+    report("with an unreadable utm_footprint", ~readable, lambda i: batch.column("utm_footprint")[i].as_py())
     if not readable.any():
         return problems
     x0, y0, x1, y1 = shapely.bounds(utm).T
     size_off = readable & ((np.abs((x1 - x0) - width * _PIXEL_M) > _FOOTPRINT_TOLERANCE_M)
                            | (np.abs((y1 - y0) - height * _PIXEL_M) > _FOOTPRINT_TOLERANCE_M))
-    report("whose pixel_bbox size differs from their UTM footprint at 10 m", size_off, boxes.tolist())
+    report("whose pixel_bbox size differs from their UTM footprint at 10 m", size_off, lambda i: boxes[i].tolist())
     lat = batch.column("centre_lat").to_numpy(zero_copy_only=False)
     lon = batch.column("centre_lon").to_numpy(zero_copy_only=False)
     crs = batch.column("utm_crs").to_numpy(zero_copy_only=False)
@@ -1114,5 +1115,5 @@ def _row_problems(batch: pa.RecordBatch, info: EmbeddingFileInfo | None, first: 
     off = readable & np.isfinite(want_lat) & ~((np.abs(lat - want_lat) <= _CENTRE_TOLERANCE_DEG)
                                                 & (np.abs(dlon) <= _CENTRE_TOLERANCE_DEG))
     report("whose centre_lat/centre_lon is not the centre of their footprint", off,
-           [f"({a:.6f}, {b:.6f})" for a, b in zip(lat, lon, strict=True)])
+           lambda i: f"({lat[i]:.6f}, {lon[i]:.6f})")
     return problems

@@ -57,7 +57,7 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "majortom_assets.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=os.environ.copy(), check=False)
 
