@@ -177,7 +177,7 @@ def open_source(url: str | os.PathLike, model: str | None = None,
         found = _list_parquet(fs, path, shown)
     except (FileNotFoundError, ValueError):
         raise
-    except Exception as exc:   # a remote store that cannot be reached: one line, URL redacted
+    except Exception as exc:  # noqa: BLE001 - httpx, aiohttp, botocore, hub errors alike: one line, URL redacted
         raise ReleasedSourceUnavailable(f"cannot read released source {shown}: "
                                         f"{type(exc).__name__}: {redact_text(exc)}") from None
     dataset = dataset_of(text)
