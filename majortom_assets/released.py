@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 import shapely
 
 from majortom_assets import geoparquet, grid
-from majortom_assets.remote import redact_url, with_timeouts
+from majortom_assets.remote import redact_text, redact_url, with_timeouts
 
 HF_PREFIX = "hf://"
 HF_ORG = "hf://datasets/Major-TOM/"
@@ -69,6 +69,10 @@ REQUIRED_COLUMNS = ("unique_id", "embedding", "timestamp", "product_id", "grid_c
                     "utm_footprint", "utm_crs", "pixel_bbox")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _SWAP_TOLERANCE_M = 0.5
+
+
+class ReleasedSourceUnavailable(RuntimeError):
+    """A remote released set that could not be listed or read (network, permissions)."""
 
 
 class ReleasedFormatError(ValueError):
@@ -146,6 +150,19 @@ class ReleasedSource:
         return path if _is_local(self.fs) else f"{self.url.rstrip('/')}/{Path(path).name}"
 
 
+def _list_parquet(fs, path: str, shown: str) -> list[str]:
+    if not fs.exists(path):
+        where = "" if _is_local(fs) else " (or cannot be reached)"
+        raise FileNotFoundError(f"released source {shown} does not exist{where}")
+    if fs.isdir(path):
+        found = sorted(p for p in fs.find(path) if p.endswith(".parquet")
+                       and not Path(p).name.startswith("."))
+        if not found:
+            raise FileNotFoundError(f"released source {shown} holds no .parquet files")
+        return found
+    return [path]
+
+
 def open_source(url: str | os.PathLike, model: str | None = None,
                 storage_options: dict | None = None) -> ReleasedSource:
     """Open a released set: a parquet file or a folder (searched recursively), local or fsspec/hf://.
@@ -156,15 +173,13 @@ def open_source(url: str | os.PathLike, model: str | None = None,
     text = os.fspath(url)
     fs, path = _open_fs(text, storage_options)
     shown = redact_url(text)
-    if not fs.exists(path):
-        raise FileNotFoundError(f"released source {shown} does not exist")
-    if fs.isdir(path):
-        found = sorted(p for p in fs.find(path) if p.endswith(".parquet")
-                       and not Path(p).name.startswith("."))
-        if not found:
-            raise FileNotFoundError(f"released source {shown} holds no .parquet files")
-    else:
-        found = [path]
+    try:
+        found = _list_parquet(fs, path, shown)
+    except (FileNotFoundError, ValueError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - httpx, aiohttp, botocore, hub errors alike: one line, URL redacted
+        raise ReleasedSourceUnavailable(f"cannot read released source {shown}: "
+                                        f"{type(exc).__name__}: {redact_text(exc)}") from None
     dataset = dataset_of(text)
     known = DATASETS[dataset]["model"] if dataset else None
     if model is not None and known is not None and model != known:

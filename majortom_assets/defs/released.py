@@ -8,7 +8,8 @@ Off unless configured: ``MAJORTOM_RELEASED_<NAME>=PATH_OR_URL`` with NAME one of
 * ``released/<name>``: an observable source asset; observing it records a data version built from
   the files' versions (LFS sha256 / ETag / size+mtime), so a change upstream is visible;
 * ``released/<name>/view``: the set's normalised Table 2 view, by grid row, under
-  ``$MAJORTOM_HOME/released/<name>/`` (`released.ReleasedView`), ready for every product;
+  ``$MAJORTOM_HOME/released/<set>-<hash of the URL>/`` (`released.ReleasedView`), the same root
+  ``majortom ... --released URL`` uses, ready for every product;
 * one asset check per standard check, on the view: a quirk of the published files is a WARN,
   never a failed run.
 """
@@ -113,7 +114,9 @@ def build_view_asset(dataset: str) -> dg.AssetsDefinition:
     )
     def _view(context: dg.AssetExecutionContext, storage: StorageResource):
         source = _open(dataset)
-        view = released.ReleasedView(source, storage.layout.inside("released", slug(dataset)))
+        # the same place `--released URL` uses, so the CLI reuses what the graph built (and back)
+        url = os.environ[ENV_PREFIX + env_name(dataset)].strip()
+        view = released.ReleasedView(source, released.default_view_root(url, home=storage.layout.root))
         available = released.source_rows(source)
         rows = [r for r in context.partition_keys if r in available]
         written = view.refresh(rows) if rows else []

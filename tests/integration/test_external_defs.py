@@ -15,7 +15,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from majortom_assets import alphaearth, geoparquet
+from majortom_assets import alphaearth, geoparquet, released
 from majortom_assets import released_fixtures as rf
 from majortom_assets.demo import prepare_dagster_home
 from majortom_assets.vectors import files
@@ -56,7 +56,8 @@ def test_released_view_materialises_with_warning_checks(tmp_path):
     env = _env(home, dagster_home, MAJORTOM_RELEASED_S2RGB_DINOV2=str(folder))
     done = _materialize(env, "released/s2rgb_dinov2/view", ROW)
     assert done.returncode == 0, done.stderr[-3000:]
-    view = home / "released" / "s2rgb_dinov2"
+    view = released.default_view_root(str(folder), home=home)     # shared with `--released`
+    assert view.parent == home / "released" and view.name.startswith("Core-S2RGB-DINOv2-")
     paths = files.model_paths(view, "dinov2-rgb")
     assert [files.partition_row(p) for p in paths] == [ROW]
     assert geoparquet.read_info(paths[0]).weights == "released:Core-S2RGB-DINOv2"

@@ -109,3 +109,10 @@ def test_released_and_root_are_exclusive_and_errors_are_one_line(env_and_set, tm
     assert code == 2 and "does not exist" in err
     code, _, err = _cli(env, "export", "--released", folder, "--model", "dinov2-rgb", "--rows", "99U")
     assert code == 2 and "99U" in err
+
+
+def test_unreachable_hub_set_is_one_line(env_and_set):
+    env, _, _ = env_and_set
+    code, _, err = _cli({**env, "HF_HUB_OFFLINE": "1"}, "released", "check",
+                        "hf://datasets/Major-TOM/Core-S2RGB-DINOv2")
+    assert code == 2 and "hf://datasets/Major-TOM/Core-S2RGB-DINOv2" in err and "Traceback" not in err
