@@ -17,6 +17,7 @@ from majortom_assets import engine
 from majortom_assets.core import CoreCollection
 from majortom_assets.models import load_embedder
 
+
 class CrashingCollection(CoreCollection):
     """Kills the decode worker process that reads `crash_cell` (pickled along to the workers)."""
 

@@ -44,6 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="auto = bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--batch-size", type=int, default=64, help="fragments per model call (default: 64)")
     p.add_argument("--decode-workers", type=int, default=2, help="sample decoding threads (default: 2)")
+    p.add_argument("--decode-processes", type=int, default=0,
+                   help="worker processes preparing samples into shared memory, past the GIL (default: 0 = threads)")
     p.add_argument("--image-size", type=int, default=1068, help="10 m side of the samples (default: 1068)")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights (default: 0)")
     p.add_argument("--tiny", action="store_true",
@@ -64,7 +66,8 @@ def run_embed(args: argparse.Namespace) -> int:
 
     try:
         config = EngineConfig(device=args.device, precision=args.precision, batch_size=args.batch_size,
-                              decode_workers=args.decode_workers, image_size=args.image_size)
+                              decode_workers=args.decode_workers, decode_processes=args.decode_processes,
+                              image_size=args.image_size)
         device = config.resolve_device()
         config.resolve_precision(device)
         flt = MetadataFilter(rows=split_list(args.rows), limit=args.limit)
