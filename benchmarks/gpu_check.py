@@ -80,7 +80,7 @@ class Plan:
 
 FULL = Plan(tiny=False, size=engine.CORE_IMAGE_SIZE, unique_cells=16, batch_size=engine.EngineConfig().batch_size,
             forward_window=6.0, e2e_window=12.0, e2e_warmup_cells=24, worker_counts=(1, 4, 8, 16),
-            budget_synthetic=90.0, budget_forward=40.0, budget_e2e=30.0, budget_sweep_run=14.0,
+            budget_synthetic=90.0, budget_forward=50.0, budget_e2e=30.0, budget_sweep_run=14.0,
             total_budget=440.0)
 # 390 px (a multiple of 6 above SigLIP's 384 px fragment): 4 fragments of 224 px per cell, 1 of 384
 QUICK = Plan(tiny=True, size=390, unique_cells=2, batch_size=8,
