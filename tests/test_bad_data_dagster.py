@@ -22,7 +22,6 @@ from dagster_helpers import local_env, local_resources
 
 from majortom_assets import geoparquet, synthetic
 from majortom_assets.defs import keys
-from majortom_assets.defs.partitions import register_rows
 from majortom_assets.demo import prepare_dagster_home
 from majortom_assets.layout import StorageLayout
 
@@ -53,9 +52,7 @@ def instance_home(tmp_path_factory):
     meta = pd.concat([meta, meta.iloc[[0, 0]], bad], ignore_index=True)   # two repeats, one non-cell
     pq.write_table(pa.Table.from_pandas(meta, preserve_index=False), collection / "metadata.parquet")
     dagster_home = prepare_dagster_home(root / "dagster_home")
-    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
-        register_rows(instance, [ROW])
-    return home, dagster_home
+    return home, dagster_home   # every grid row is a static partition: nothing to register
 
 
 def _latest_metadata(dagster_home: Path, key: dg.AssetKey) -> dict:
@@ -115,7 +112,6 @@ def test_asset_checks_fail_instead_of_crashing_on_an_edited_grid_row(instance_ho
     embeddings = next(a for a in assets if keys.embeddings_key(MODEL) in a.keys)
     checks = next(a for a in assets if a.check_keys and not a.keys)
     with dg.instance_for_test() as instance:
-        register_rows(instance, [ROW])
         result = dg.materialize([embeddings, checks], instance=instance, resources=local_resources(home, MODEL, SIZE),
                                 selection=dg.AssetSelection.checks_for_assets(keys.embeddings_key(MODEL)),
                                 raise_on_error=False)

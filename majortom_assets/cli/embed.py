@@ -78,15 +78,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="output root; files go to OUT/<model>/row=<ROW>/")
     p.add_argument("--rows", nargs="+", help="grid rows to embed, e.g. 136U 12D (default: all)")
     p.add_argument("--limit", type=int, help="embed at most N samples")
-
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<index> (default: auto)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto = bf16 autocast on CUDA, fp32 on CPU")
-    p.add_argument("--batch-size", type=int, default=64, help="fragments per model call (default: 64)")
-    p.add_argument("--decode-workers", type=int, default=2, help="sample decoding threads (default: 2)")
-    p.add_argument("--decode-processes", type=int, default=0,
-                   help="worker processes preparing samples into shared memory, past the GIL (default: 0 = threads)")
-    p.add_argument("--image-size", type=int, default=1068, help="10 m side of the samples (default: 1068)")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights (default: 0)")
     p.add_argument("--tiny", action="store_true",
                    help="use a tiny random model of the same architecture (tests/demos; smaller embedding dim)")
@@ -108,10 +99,6 @@ def run_embed(args: argparse.Namespace) -> int:
 
     try:
         config = engine_config_from_args(args)
-
-        config = EngineConfig(device=args.device, precision=args.precision, batch_size=args.batch_size,
-                              decode_workers=args.decode_workers, decode_processes=args.decode_processes,
-                              image_size=args.image_size)
         device = config.resolve_device()
         config.resolve_precision(device)
         flt = MetadataFilter(rows=split_list(args.rows), limit=args.limit)
