@@ -11,7 +11,7 @@ import pytest
 
 from majortom_assets import grid
 from majortom_assets.defs import keys
-from majortom_assets.defs.partitions import GRID_ROWS, ROW_NAMES, row_bands, row_sample_counts
+from majortom_assets.defs.partitions import GRID_ROWS, ROW_NAMES, change_bands, row_bands, row_sample_counts
 from majortom_assets.defs.resources import MajorTomSettings, build_resources
 from majortom_assets.defs.schedules import missing_row_requests
 from majortom_assets.defs.sensors import evaluate_new_samples
@@ -206,6 +206,10 @@ def test_row_sample_counts_and_bands_of_rows():
         ("136U", "136U"),
     ]
     assert row_bands([]) == []
+    # a band of changed rows bridges empty rows but never an up-to-date row that holds samples
+    assert change_bands(["3U", "5U"], holding={"3U", "5U"}) == [("3U", "5U")]
+    assert change_bands(["3U", "5U"], holding={"3U", "4U", "5U"}) == [("3U", "3U"), ("5U", "5U")]
+    assert change_bands(["3U", "30U"], holding={"3U", "30U"}) == [("3U", "3U"), ("30U", "30U")]
     with pytest.raises(StoragePathError):
         row_bands(["136U/.."])
 
@@ -235,6 +239,10 @@ def _materialise_selection(instance, source: str, selection: dict) -> None:
     )
 
 
+def _band(request: dg.RunRequest) -> tuple[str, str]:
+    return request.tags["dagster/asset_partition_range_start"], request.tags["dagster/asset_partition_range_end"]
+
+
 def test_sensor_refreshes_the_selection_once_then_requests_only_changed_rows(tmp_path):
     settings = MajorTomSettings(home=tmp_path, models=("dinov2-rgb",))
     collections = build_resources(settings)["collections"]
@@ -251,7 +259,7 @@ def test_sensor_refreshes_the_selection_once_then_requests_only_changed_rows(tmp
 
         _materialise_selection(instance, "S2L2A", {})
         rows = evaluate_new_samples(instance, collections, waiting.cursor, settings.models)
-        assert [r.partition_key for r in rows.run_requests] == ["12D", "136U"]
+        assert [_band(r) for r in rows.run_requests] == [("12D", "12D"), ("136U", "136U")]
         for request in rows.run_requests:  # the rows only: the selection is not rebuilt per row
             assert metadata_key not in request.asset_selection
             assert keys.embeddings_key("dinov2-rgb") in request.asset_selection
@@ -271,7 +279,7 @@ def test_sensor_refreshes_the_selection_once_then_requests_only_changed_rows(tmp
         _materialise_selection(instance, "S2L2A", user_filter)
         after = evaluate_new_samples(instance, collections, later.cursor, settings.models)
         # 136U is outside the selection now: its files are rebuilt empty; 12D and 7U changed
-        assert [r.partition_key for r in after.run_requests] == ["12D", "7U", "136U"]
+        assert [_band(r) for r in after.run_requests] == [("12D", "12D"), ("7U", "7U"), ("136U", "136U")]
         assert json.loads(after.cursor)["S2L2A"]["rows"] == {"12D": 2, "7U": 1}
 
         # the decorated sensor gets the collections resource injected

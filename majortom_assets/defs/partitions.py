@@ -106,6 +106,30 @@ def row_bands(rows, max_gap: int = MAX_EMPTY_GAP) -> list[tuple[str, str]]:
     return bands
 
 
+def change_bands(changed, holding, max_gap: int = MAX_EMPTY_GAP) -> list[tuple[str, str]]:
+    """Partition ranges covering every `changed` row, south to north, that include no row which
+    holds samples (`holding`) without having changed: a band bridges at most `max_gap` empty rows,
+    so a run over it recomputes nothing that was up to date and loads each model once."""
+    changed, holding = set(changed), set(holding)
+    bands: list[tuple[str, str]] = []
+    start = last = None
+    gap = 0
+    for row in ROW_NAMES:
+        if row in changed:
+            if start is None:
+                start = row
+            last, gap = row, 0
+        elif start is not None and row not in holding and gap < max_gap:
+            gap += 1
+        elif start is not None:
+            bands.append((start, last))
+            start = last = None
+            gap = 0
+    if start is not None:
+        bands.append((start, last))
+    return bands
+
+
 class RowResults:
     """Per-row outcomes of one step over many rows (a backfill or a `--partition-range` run).
 

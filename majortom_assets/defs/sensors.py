@@ -6,8 +6,10 @@ waiting for a metadata refresh. The file is read only when its stamp changes. Th
 
 1. ONE run refreshes the `core/<source>/metadata` selection, with the filter of its last
    materialisation (a user who selected a bbox or dates keeps that selection);
-2. once that refresh has materialised (a later tick), one run per row whose selected sample count
-   changed materialises the row's shards, fragment grids and embeddings, without the metadata.
+2. once that refresh has materialised (a later tick), the rows whose selected sample count changed
+   are requested, without the metadata: one run per band of changed rows (`change_bands`: a band
+   skips no up-to-date row that holds samples and bridges at most a few empty ones), so each run
+   loads each model once.
 
 Rows are static partitions (every grid row exists), so nothing is registered. On the very first
 tick (no cursor) only rows whose shards were never materialised are requested, so switching the
@@ -21,7 +23,7 @@ import dagster as dg
 
 from majortom_assets.core import MetadataFilter
 from majortom_assets.defs import keys
-from majortom_assets.defs.partitions import order_rows, row_sample_counts
+from majortom_assets.defs.partitions import change_bands, row_sample_counts
 from majortom_assets.defs.resources import CollectionsResource, load_settings
 from majortom_assets.deployment import gpu_run_tags
 
@@ -58,14 +60,17 @@ def refresh_request(source: str, selection: dict, stamp: str) -> dg.RunRequest:
     )
 
 
-def row_request(source: str, row: str, count: int, stamp: str, models: tuple[str, ...]) -> dg.RunRequest:
+def band_request(source: str, band: tuple[str, str], stamp: str, models: tuple[str, ...]) -> dg.RunRequest:
+    """One run over a band of changed rows (`partitions.change_bands`): each model loads once."""
     chain = keys.row_chain_keys(source, models)
     embedding_keys = {keys.embeddings_key(m) for m in models}
+    first, last = band
     return dg.RunRequest(
-        run_key=f"{source}:{row}:{count}:{stamp}",
-        partition_key=row,
+        run_key=f"{source}:{first}...{last}:{stamp}",
         asset_selection=chain,
         tags={
+            "dagster/asset_partition_range_start": first,
+            "dagster/asset_partition_range_end": last,
             **(gpu_run_tags() if embedding_keys & set(chain) else {}),
             "majortom/trigger": "new-samples",
         },
@@ -87,8 +92,9 @@ def evaluate_new_samples(
         pending: dict[str, int] = entry.get("pending", {})
         if pending and selection_id is not None and selection_id != entry.get("selection_id"):
             # the refresh (or a user's own) materialised a newer selection: now request the rows
+            holding = set(entry.get("rows", {}))
             requests += [
-                row_request(source, row, pending[row], entry["stamp"], models) for row in order_rows(pending)
+                band_request(source, band, entry["stamp"], models) for band in change_bands(pending, holding)
             ]
             pending = {}
             entry["selection_id"] = selection_id

@@ -100,7 +100,7 @@ def catalog_statuses(text: str) -> dict[str, str]:
 
 
 def test_catalog_lists_the_lineage_with_its_materialisation_status(served):
-    served.open("/assets", PCA, "Materialized •", "1 partition", "Never materialized")
+    served.open("/assets", PCA, "Materialized •", "1,893 partitions", "Never materialized")
     served.browser.wait_for("!document.body.innerText.includes('Loading')", "catalog statuses")
     page = served.browser.page()
     assert_rendered(served.browser.screenshot(served.shots / "catalog.png"))
@@ -108,8 +108,8 @@ def test_catalog_lists_the_lineage_with_its_materialisation_status(served):
     assert {METADATA, SHARDS, FRAGMENTS, EMBEDDINGS, PCA} <= set(entries), entries
     for key in (METADATA, PCA):
         assert "Materialized •" in entries[key], (key, entries[key])
-    for key in (SHARDS, FRAGMENTS, EMBEDDINGS):  # grid-row partitioned: one row registered and done
-        assert "1 partition" in entries[key], (key, entries[key])
+    for key in (SHARDS, FRAGMENTS, EMBEDDINGS):  # every grid row is a partition; one row is done
+        assert "1,893 partitions" in entries[key] and "1,892" in entries[key], (key, entries[key])
     vectors = [k for k in entries if k.startswith(f"vectors / {SLUG} / ")]
     assert vectors and all("Never materialized" in entries[k] for k in vectors), vectors  # not run here
     # MAJORTOM_MODELS=dinov2-rgb: no other model's embeddings or maps in the catalog
@@ -187,7 +187,7 @@ def test_partition_and_checks_tabs(served):
         "weights sha256",
         shot="partitions",
     )
-    assert "Failed (0)" in partitions.text and "Missing (0)" in partitions.text
+    assert "Failed (0)" in partitions.text and "Missing (1892)" in partitions.text  # 1,893 grid rows
     sha = geoparquet.read_info(served.embeddings_file).weights_sha256
     assert f"weights sha256 {sha}" in partitions.text  # the selected row's own materialisation
 
