@@ -31,16 +31,6 @@ def _env(home: Path, dagster_home: Path, **extra) -> dict[str, str]:
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), **extra}
 
 
-def _register(dagster_home: Path, rows) -> None:
-    from majortom_assets.defs.partitions import GRID_ROWS
-
-    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
-        if isinstance(GRID_ROWS, dg.DynamicPartitionsDefinition):
-            from majortom_assets.defs.partitions import register_rows
-
-            register_rows(instance, rows)
-
-
 def _materialize(env, select: str, partition: str | None = None) -> subprocess.CompletedProcess:
     cmd = [str(BIN / "dagster"), "asset", "materialize", "-m", "majortom_assets.definitions", "--select", select]
     if partition:
@@ -52,7 +42,6 @@ def _materialize(env, select: str, partition: str | None = None) -> subprocess.C
 def test_released_view_materialises_with_warning_checks(tmp_path):
     folder = rf.write_reference_set(tmp_path / "Core-S2RGB-DINOv2", [ROW, "12D"], 2, 768, files=2)
     home, dagster_home = tmp_path / "home", prepare_dagster_home(tmp_path / "dh")
-    _register(dagster_home, [ROW, "12D"])
     env = _env(home, dagster_home, MAJORTOM_RELEASED_S2RGB_DINOV2=str(folder))
     done = _materialize(env, "released/s2rgb_dinov2/view", ROW)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -113,7 +102,6 @@ def test_sets_are_off_unless_configured(monkeypatch):
 def test_alphaearth_asset_by_row(tmp_path):
     index = rf.write_aef_tiles(tmp_path / "aef", ["500U_20R"], 2021)
     home, dagster_home = tmp_path / "home", prepare_dagster_home(tmp_path / "dh")
-    _register(dagster_home, ["500U"])
     env = _env(home, dagster_home, MAJORTOM_ALPHAEARTH_TILES=str(index), MAJORTOM_ALPHAEARTH_YEAR="2021")
     done = _materialize(env, "embeddings/alphaearth", "500U")
     assert done.returncode == 0, done.stderr[-3000:]
