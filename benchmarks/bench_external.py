@@ -19,24 +19,11 @@ from __future__ import annotations
 import argparse
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
+from benchmarks.timing import best_of
 from majortom_assets import alphaearth, released, synthetic
 from majortom_assets import released_fixtures as rf
-
-
-def best_of(repeat: int, fn):
-    """(wall seconds, CPU seconds of this process) of the fastest run, and its result. On a shared,
-    loaded machine the CPU figure is the one that says what the code costs."""
-    best, cpu, out = float("inf"), float("inf"), None
-    for _ in range(repeat):
-        start, c0 = time.perf_counter(), time.process_time()
-        out = fn()
-        wall = time.perf_counter() - start
-        if wall < best:
-            best, cpu = wall, time.process_time() - c0
-    return (best, cpu), out
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -64,9 +51,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows = len(cells) * 25
         print(f"released-shaped file: {rows} fragments x {args.dim}, {mb:.1f} MB on disk")
         print("| step | wall | wall rate | CPU | CPU rate | |")
-        t, _ = best_of(args.repeat, lambda: released.check_source(source))
+        *t, _ = best_of(args.repeat, lambda: released.check_source(source))
         report("quirks report (4096 rows inspected)", t, min(rows, 4096), "rows")
-        t, n = best_of(args.repeat, lambda: sum(b.num_rows for b in released.iter_normalised(source, str(path))))
+        *t, n = best_of(args.repeat, lambda: sum(b.num_rows for b in released.iter_normalised(source, str(path))))
         report("normalise (iter_normalised, whole file)", t, n, "rows", f"{mb / t[1]:.1f} MB/s of file (CPU)")
 
         def view():
@@ -74,7 +61,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             shutil.rmtree(target, ignore_errors=True)
             return released.ReleasedView(source, target).refresh(quirks=False)
 
-        t, written = best_of(args.repeat, view)
+        *t, written = best_of(args.repeat, view)
         report(f"Table 2 view ({len(written)} row files)", t, rows, "rows")
 
         aef_cells = cells[: args.aef_cells]
@@ -84,10 +71,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         def pool():
             return [alphaearth.cell_table(alphaearth.read_cell(c, tiles, 2021), 2021) for c in aef_cells]
 
-        t, _ = best_of(args.repeat, pool)
+        *t, _ = best_of(args.repeat, pool)
         report("AEF read + pool (25 fragments per cell)", t, len(aef_cells), "cells")
         image = alphaearth.read_cell(aef_cells[0], tiles, 2021)
-        t, _ = best_of(args.repeat, lambda: alphaearth.cell_table(image, 2021))
+        *t, _ = best_of(args.repeat, lambda: alphaearth.cell_table(image, 2021))
         report("AEF pool only (in memory)", t, 1, "cells")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -8,23 +8,13 @@ Each figure is the best of ``--repeat`` runs (wall clock, one process).
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 
 import numpy as np
 
+from benchmarks.timing import best_of
 from majortom_assets.fragment import fragment_layout, fragment_views, gather_fragments
 from majortom_assets.grid import Grid, cell_name, parse_cell_names
 from majortom_assets.standard import CORE_IMAGE_SIZE
-
-
-def best_of(repeat: int, fn: Callable[[], object]) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
 
 
 def report(label: str, seconds: float, count: int, unit: str) -> dict:
@@ -41,30 +31,30 @@ def main(argv: list[str] | None = None) -> list[dict]:
     results = []
     print("| step | time | rate |\n|---|---:|---:|")
 
-    t, grid = best_of(rep, lambda: Grid(10.0))
+    t, _cpu, grid = best_of(rep, lambda: Grid(10.0))
     results.append(report("Grid(10 km) construction (1,893 rows)", t, len(grid.rows()), "rows"))
-    t, (rows, cols) = best_of(rep, grid.all_cells)
+    t, _cpu, (rows, cols) = best_of(rep, grid.all_cells)
     results.append(report(f"all_cells(): {rows.size:,} cells", t, rows.size, "cells"))
-    t, _ = best_of(rep, lambda: cell_name(rows, cols))
+    t, _cpu, _ = best_of(rep, lambda: cell_name(rows, cols))
     results.append(report("cell_name() for every cell", t, rows.size, "names"))
-    t_all, _ = best_of(rep, lambda: cell_name(*Grid(10.0).all_cells()))
+    t_all, _cpu, _ = best_of(rep, lambda: cell_name(*Grid(10.0).all_cells()))
     results.append(report("whole 10 km grid: build + all_cells + names", t_all, rows.size, "cells"))
-    t, _ = best_of(rep, lambda: grid.cell_corner(rows, cols))
+    t, _cpu, _ = best_of(rep, lambda: grid.cell_corner(rows, cols))
     results.append(report("cell_corner() for every cell", t, rows.size, "cells"))
-    t, _ = best_of(rep, lambda: grid.utm_epsg(rows, cols))
+    t, _cpu, _ = best_of(rep, lambda: grid.utm_epsg(rows, cols))
     results.append(report("utm_epsg() for every cell", t, rows.size, "cells"))
 
     rng = np.random.default_rng(0)
     lat = rng.uniform(-84.9, 85.0, n)
     lon = rng.uniform(-180.0, 180.0, n)
-    t, (r, c) = best_of(rep, lambda: grid.latlon_to_cell(lat, lon))
+    t, _cpu, (r, c) = best_of(rep, lambda: grid.latlon_to_cell(lat, lon))
     results.append(report(f"latlon_to_cell(): {n:,} random points", t, n, "points"))
-    t, point_names = best_of(rep, lambda: cell_name(r, c))
+    t, _cpu, point_names = best_of(rep, lambda: cell_name(r, c))
     results.append(report(f"cell_name(): {n:,} cells", t, n, "names"))
-    t, _ = best_of(rep, lambda: parse_cell_names(point_names))
+    t, _cpu, _ = best_of(rep, lambda: parse_cell_names(point_names))
     results.append(report(f"parse_cell_names(): {n:,} names", t, n, "names"))
     m = min(n, 200_000)
-    t, _ = best_of(rep, lambda: grid.cell_polygon(r[:m], c[:m]))
+    t, _cpu, _ = best_of(rep, lambda: grid.cell_polygon(r[:m], c[:m]))
     results.append(report(f"cell_polygon(): {m:,} boxes", t, m, "boxes"))
 
     image = rng.integers(0, 10_000, size=(13, CORE_IMAGE_SIZE, CORE_IMAGE_SIZE), dtype=np.uint16)
@@ -73,15 +63,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         out = np.empty((layout.count, 13, size, size), dtype=np.uint16)
         out32 = np.empty((layout.count, 13, size, size), dtype=np.float32)
         reps = max(rep, 10)
-        t, _ = best_of(reps, lambda layout=layout: fragment_views(image, layout))
+        t, _cpu, _ = best_of(reps, lambda layout=layout: fragment_views(image, layout))
         results.append(report(f"fragment_views(): 13x1068^2 -> {layout.count} x {size}px", t, 1, "cells"))
-        t, _ = best_of(reps, lambda layout=layout, out=out: gather_fragments(image, layout, out=out))
+        t, _cpu, _ = best_of(reps, lambda layout=layout, out=out: gather_fragments(image, layout, out=out))
         results.append(
             report(f"gather_fragments(): 13x1068^2 -> {layout.count} x {size}px uint16", t, 1, "cells")
         )
-        t, _ = best_of(reps, lambda layout=layout, out=out32: gather_fragments(image, layout, out=out))
+        t, _cpu, _ = best_of(reps, lambda layout=layout, out=out32: gather_fragments(image, layout, out=out))
         results.append(report("gather_fragments(): same, into float32 out", t, 1, "cells"))
-    t, _ = best_of(max(rep, 10), image.copy)
+    t, _cpu, _ = best_of(max(rep, 10), image.copy)
     results.append(report("reference point: image.copy() of 13x1068^2 uint16", t, 1, "cells"))
     return results
 

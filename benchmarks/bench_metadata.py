@@ -14,11 +14,11 @@ columns). Each figure is the best of ``--repeat`` runs (wall clock, one process)
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import pandas as pd
 
+from benchmarks.timing import best_of
 from majortom_assets import grid
 from majortom_assets.core import validate_metadata
 
@@ -56,19 +56,6 @@ def make_metadata(n: int, bad: float, dupes: float, seed: int = 0) -> pd.DataFra
     if d:
         frame = pd.concat([frame, frame.iloc[rng.choice(n, size=d, replace=False)]], ignore_index=True)
     return frame
-
-
-def best_of(repeat: int, fn):
-    """(best wall seconds, CPU seconds of that run, result): CPU time shows the work itself when
-    the machine is shared (wall clock then includes waiting for a core)."""
-    best, cpu, out = float("inf"), float("inf"), None
-    for _ in range(repeat):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        out = fn()
-        wall = time.perf_counter() - start
-        if wall < best:
-            best, cpu = wall, time.process_time() - start_cpu
-    return best, cpu, out
 
 
 def main(argv: list[str] | None = None) -> None:
