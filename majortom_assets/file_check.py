@@ -42,8 +42,8 @@ import pyarrow.parquet as pq
 import shapely
 
 from majortom_assets import geoparquet, grid
-from majortom_assets.core import NOMINAL_PIXEL_M
 from majortom_assets.fragment import fragment_layout
+from majortom_assets.standard import NOMINAL_PIXEL_M
 
 MAX_GRID_CONVERGENCE_DEG = 6.0
 _M_PER_DEG = math.pi / 180.0 * grid.EARTH_RADIUS_KM * 1000.0

@@ -315,7 +315,7 @@ def _shift(px: np.ndarray, info) -> bytes:
 
 
 def test_cli_fails_a_georeference_shifted_200_km_naming_the_cell(collection_dir, tmp_path):
-    from majortom_assets.core import S2L1C_BANDS
+    from majortom_assets.standard import S2L1C_BANDS
 
     collection = _copy(collection_dir, tmp_path / "Core-S2L1C")
     for band in S2L1C_BANDS:
