@@ -65,7 +65,14 @@ def test_rows_added_replaced_removed_stay_exact_and_consistent(tmp_path):
 
     # replace r2 with new vectors, drop r4: old ids die, positions follow the live rows in id order
     new = _space(700, point_seed=5)
-    index.add_row("r2", new)
+    index.add_row("r2", new, pack=False)
+    # unpacked: the new r2 is searched from memory on top of the packed lists, the old r2 masked
+    assert index.manifest["packed"]["rows"]["r2"] != index.manifest["rows"]["r2"]["start"]
+    s = index.open_searcher()
+    assert s.index.ntotal == 6700 and len(s) == 5700
+    live5 = np.concatenate([rows["r0"], rows["r1"], rows["r3"], rows["r4"], rows["r5"], new])
+    _, pos = s.search(q, K, nprobe=16, rerank=6700)
+    np.testing.assert_array_equal(np.sort(pos, 1), np.sort(_brute(live5, q), 1))
     index.remove_row("r4")
     assert index.verify() == []
     live = np.concatenate([rows["r0"], rows["r1"], rows["r3"], rows["r5"], new])

@@ -193,6 +193,23 @@ def residual(index: faiss.Index, x: np.ndarray, limit: int = 20_000) -> float:
     return float(np.mean(np.sum((x - rec) ** 2, axis=1)))
 
 
+def residual_of_codes(index: faiss.Index, x: np.ndarray, lists: np.ndarray, codes: np.ndarray,
+                      limit: int = 20_000) -> float:
+    """`residual` from codes already computed by `encode` (no second coarse assignment):
+    IVF-PQ reconstructs a vector as its list centroid + the decoded PQ residual."""
+    if len(x) > limit:
+        pick = np.linspace(0, len(x) - 1, limit).astype(np.int64)
+        x, lists, codes = x[pick], lists[pick], codes[pick]
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    keys = np.ascontiguousarray(lists, np.int64)
+    rec = ivf.quantizer.reconstruct_batch(keys)
+    if ivf.by_residual:
+        rec += ivf.pq.decode(np.ascontiguousarray(codes))
+    else:
+        rec = ivf.pq.decode(np.ascontiguousarray(codes))
+    return float(np.mean(np.sum((x - rec) ** 2, axis=1)))
+
+
 def encode(index: faiss.Index, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(coarse list numbers int32, PQ codes uint8 (n, code_size)) of unit vectors."""
     ivf = faiss.extract_index_ivf(index)
@@ -318,7 +335,8 @@ class IncrementalIndex:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        ratio = residual(index, x) / max(self.manifest["training"]["residual"], 1e-12) if len(x) else 0.0
+        base = max(self.manifest["training"]["residual"], 1e-12)
+        ratio = residual_of_codes(index, x, lists, codes) / base if len(x) else 0.0
         old = self.manifest["rows"].get(name)
         entry = {"start": start, "count": len(x), "dir": dirname, "residual_ratio": round(ratio, 4),
                  "source": source}
