@@ -177,6 +177,7 @@ def train(sample: np.ndarray, config: IncrementalConfig, expected: int | None = 
     pq_ = faiss.downcast_index(ivf).pq
     pq_.cp.niter = config.kmeans_iters
     pq_.cp.seed = config.seed
+    pq_.cp.max_points_per_centroid = 64   # 16k points per 256-centroid sub-quantiser: ample, 4x faster
     t0 = time.perf_counter()
     index.train(fit)
     record = {"factory": spec, **params, "vectors": len(fit), "expected": int(expected or n),
@@ -483,7 +484,7 @@ class IncrementalIndex:
             try:
                 with quiet_stdout():
                     index = faiss.read_index(str(self.directory / packed["dir"] / PACKED_INDEX),
-                                             faiss.IO_FLAG_ONDISK_SAME_DIR)
+                                             faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_SKIP_PRECOMPUTE_TABLE)
             except RuntimeError as exc:
                 return [*problems, f"packed lists {packed['dir']} unreadable: {exc}"]
             il = faiss.extract_index_ivf(index).invlists
@@ -525,7 +526,7 @@ class Searcher:
         if packed:
             with quiet_stdout():
                 pidx = faiss.read_index(str(index.directory / packed["dir"] / PACKED_INDEX),
-                                        faiss.IO_FLAG_ONDISK_SAME_DIR)
+                                        faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_SKIP_PRECOMPUTE_TABLE)
             pivf = faiss.extract_index_ivf(pidx)
             ondisk = faiss.downcast_InvertedLists(pivf.invlists)
             pivf.own_invlists = False
