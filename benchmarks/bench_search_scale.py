@@ -10,7 +10,7 @@ has to fit in memory. The codebooks are trained on a separate sample of the same
 Queries are fresh draws (not database vectors), so neighbours are at realistic distances.
 
 Measured in one run, single-threaded queries (``faiss.omp_set_num_threads(1)``, one query per call):
-  * exact top-10 by a chunked brute-force scan of the memmaps (the ground truth);
+  * exact top-10 by a brute-force scan of every row's exact vectors (the ground truth);
   * recall@10 and ms/query per nprobe at the default re-rank depth, and per re-rank depth;
   * resident memory of the loaded index (RSS delta after loading, and after all queries, which
     includes the memory-mapped pages the queries touched);

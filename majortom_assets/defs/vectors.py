@@ -1,7 +1,8 @@
 """Vector products per model: similarity index, reduced-precision exports, evaluation report,
 change scores between dates; and one SQL catalog (DuckDB views) over every model.
 
-Each is unpartitioned and reads every row file of the model's embeddings through `vectors/`.
+Each is unpartitioned and reads every row file of the model's embeddings through `vectors/`,
+except the index, which is incremental: it reads only new or changed row files.
 """
 
 from pathlib import Path
