@@ -34,13 +34,42 @@ from majortom_assets.vectors import files
 # ---------------------------------------------------------------------------------- commands
 @handles_errors
 def run_index(args) -> int:
+    from majortom_assets.vectors import incremental
     from majortom_assets.vectors.search import IndexConfig, build_index
 
     out = args.out or StorageLayout.at(args.root).index_dir(args.model)
-    cfg = IndexConfig(kind=args.kind, nlist=args.nlist, nprobe=args.nprobe)
+    kind = args.kind or ("incremental" if args.retrain or incremental.is_incremental(out) else "auto")
+    if kind == "incremental":
+        return _run_incremental_index(args, out)
+    if args.retrain:
+        raise ValueError(f"--retrain applies to the incremental index, not --kind {kind}")
+    args.kind = kind
+    cfg = IndexConfig(kind=args.kind, nlist=args.nlist, nprobe=args.nprobe or 16)
     manifest = build_index(selected_paths(args), out, config=cfg, model=args.model, progress=not args.no_progress)
     print(f"{manifest['kind']} index of {manifest['count']} vectors (dim {manifest['dim']}) -> {out} "
           f"(train {manifest['train_seconds']} s, add {manifest['add_seconds']} s)")
+    return 0
+
+
+def _run_incremental_index(args, out: Path) -> int:
+    """Update (or build) the incremental index: only new/changed row files are read."""
+    from majortom_assets.vectors import incremental
+    from majortom_assets.vectors.search import META_COLUMNS
+
+    updates = {k: v for k, v in (("nlist", args.nlist), ("nprobe", args.nprobe)) if v is not None}
+    config = None
+    if updates:
+        base = incremental.IncrementalIndex(out).config if incremental.is_incremental(out) else None
+        config = (base or incremental.IncrementalConfig()).model_copy(update=updates)
+    report = incremental.update(selected_paths(args), out, config=config, model=args.model,
+                                retrain="always" if args.retrain else "auto", meta_columns=META_COLUMNS,
+                                progress=not args.no_progress)
+    how = f"rebuilt ({'; '.join(report['reasons'])})" if report["retrained"] else "updated"
+    print(f"incremental index of {report['count']} vectors (dim {report['dim']}, {report['factory']}) -> {out}: "
+          f"{how}; rows read {len(report['rows_read'])}, unchanged {len(report['rows_kept'])}, "
+          f"removed {len(report['rows_removed'])} ({report['seconds']} s)")
+    for why in report["needs_retrain"]:
+        print(f"  needs retraining: {why}", file=sys.stderr)
     return 0
 
 
@@ -66,7 +95,8 @@ def run_search(args) -> int:
         vector, qv = query_cli.query_vectors(args, index)
     result = index.query(vector, cell=args.cell, unique_id=args.unique_id,
                          latlon=tuple(args.latlon) if args.latlon else None, k=args.k, filters=flt,
-                         cell_mode=args.cell_mode, exclude_query=args.exclude_query, nprobe=args.nprobe)
+                         cell_mode=args.cell_mode, exclude_query=args.exclude_query, nprobe=args.nprobe,
+                         rerank=args.rerank)
     cols = ["rank", "similarity", "distance", "grid_cell", "timestamp", "centre_lat", "centre_lon",
             "unique_id"] + (["geometry", "pixel_bbox", "product_id"] if args.format == "json" else [])
     if qv is not None and len(qv.labels) > 1:     # one query per image fragment
@@ -216,10 +246,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("index", help="build a similarity-search index of one model's embeddings")
     add_root_model(p)
     p.add_argument("--out", type=Path, help="index directory (default: ROOT/indexes/MODEL)")
-    p.add_argument("--kind", default="auto", choices=["auto", "flat", "ivffp16", "ivfsq8", "ivfpq", "hnsw"],
-                   help="auto = exact flat up to 100k vectors, else IVF + float16 codes (ivffp16)")
-    p.add_argument("--nlist", type=positive_int, help="IVF lists (default ~sqrt(N))")
-    p.add_argument("--nprobe", type=positive_int, default=16, help="default lists probed per query")
+    p.add_argument("--kind", default=None,
+                   choices=["auto", "flat", "ivffp16", "ivfsq8", "ivfpq", "hnsw", "incremental"],
+                   help="auto = exact flat up to 100k vectors, else IVF + float16 codes (ivffp16); incremental = "
+                        "IVF-PQ + exact re-ranking, updated per changed row (default when OUT already holds one)")
+    p.add_argument("--nlist", type=positive_int, help="IVF lists (default ~sqrt(N); incremental ~4·sqrt(N))")
+    p.add_argument("--nprobe", type=positive_int, help="default lists probed per query (16; incremental 32)")
+    p.add_argument("--retrain", action="store_true",
+                   help="incremental: retrain the codebooks on a fresh sample and re-add every row")
     p.set_defaults(func=run_index)
 
     p = subparsers.add_parser("search", help="find the fragments most similar to a cell, fragment, place or vector")
@@ -240,6 +274,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="cell/latlon query vector: central fragment or mean of all fragments")
     p.add_argument("--exclude-query", action="store_true", help="leave out the query's own fragment/cell")
     p.add_argument("--nprobe", type=positive_int, help="IVF lists to probe (default from the index)")
+    p.add_argument("--rerank", type=positive_int,
+                   help="compressed-code candidates re-ranked with exact vectors (default from the index)")
     p.add_argument("--format", default="table", choices=["table", "json"])
     p.set_defaults(func=run_search)
 

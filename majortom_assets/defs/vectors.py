@@ -1,7 +1,8 @@
 """Vector products per model: similarity index, reduced-precision exports, evaluation report,
 change scores between dates; and one SQL catalog (DuckDB views) over every model.
 
-Each is unpartitioned and reads every row file of the model's embeddings through `vectors/`.
+Each is unpartitioned and reads every row file of the model's embeddings through `vectors/`,
+except the index, which is incremental: it reads only new or changed row files.
 """
 
 import hashlib
@@ -13,9 +14,6 @@ from majortom_assets.defs import keys, presentation
 from majortom_assets.defs.resources import CollectionsResource, StorageResource, load_settings
 from majortom_assets.deployment import io_step_tags
 from majortom_assets.models.spec import MODEL_SPECS
-
-#: None lets vectors.search pick by size (exact flat search for small data, IVF-PQ / HNSW beyond).
-INDEX_KIND = None
 
 
 def embedding_files(storage: StorageResource, model: str):
@@ -55,20 +53,34 @@ def build_index_asset(model: str) -> dg.AssetsDefinition:
         description=f"Similarity index over every {model} fragment embedding (query by vector, cell, unique_id or point).",
     )
     def _index(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
-        from majortom_assets.vectors import search
+        # Incremental: the trained codebooks are kept and only new or changed row files are read
+        # (a drift check or 16x growth triggers a full retrain); see vectors/incremental.py.
+        from majortom_assets.vectors import incremental, search
 
         files = embedding_files(storage, model)
         out_dir = storage.layout.index_dir(model)
-        manifest = search.build_index(files, out_dir, kind=INDEX_KIND, model=model)
+        report = incremental.update(files, out_dir, model=model, meta_columns=search.META_COLUMNS)
         index = search.SearchIndex.load(out_dir)  # proves the persisted index opens
+        problems = incremental.IncrementalIndex(out_dir).verify()
+        if problems:
+            raise dg.Failure(f"{out_dir}: index inconsistent after the update: {'; '.join(problems)}",
+                             allow_retries=False)
+        for why in report["needs_retrain"]:
+            context.log.warning(f"{model} index: {why}")
         return dg.MaterializeResult(
             metadata={
-                "kind": manifest["kind"],
-                "metric": manifest["metric"],
+                "kind": report["kind"],
+                "codes": report["factory"],
+                "metric": index.manifest["metric"],
                 "vectors": len(index),
-                "dim": int(manifest["dim"]),
+                "dim": int(report["dim"]),
                 "rows (files)": len(files),
-                "build seconds": round(manifest["train_seconds"] + manifest["add_seconds"], 3),
+                "rows read": len(report["rows_read"]),
+                "rows unchanged": len(report["rows_kept"]),
+                "rows removed": len(report["rows_removed"]),
+                "retrained": report["retrained"],
+                "retrain reasons": "; ".join(report["reasons"]) or "none",
+                "update seconds": report["seconds"],
                 **presentation.file_metadata(out_dir),
             }
         )

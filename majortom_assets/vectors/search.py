@@ -274,7 +274,13 @@ class SearchIndex:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> SearchIndex:
+        """Open a persisted index: a flat/IVF/HNSW one built by `build_index`, or an incremental
+        one (`vectors.incremental`), which comes back as an `IncrementalSearchIndex`."""
         d = Path(directory)
+        from majortom_assets.vectors import incremental
+
+        if cls is SearchIndex and incremental.is_incremental(d):
+            return IncrementalSearchIndex.load(d)
         missing = [f for f in (INDEX_FILE, METADATA_FILE, MANIFEST_FILE) if not (d / f).is_file()]
         if missing:
             raise FileNotFoundError(f"{d} is not a search index (missing {', '.join(missing)}); "
@@ -364,12 +370,12 @@ class SearchIndex:
         return mask
 
     # -- search ------------------------------------------------------------------------------
-    def _params(self, sel, nprobe: int, ef_search: int):
+    def _params(self, sel, nprobe: int, ef_search: int, k_factor: int | None = None):
         if self.kind in IVF_KINDS:
             base = faiss.SearchParametersIVF(nprobe=nprobe, sel=sel) if sel else \
                 faiss.SearchParametersIVF(nprobe=nprobe)
             if self.manifest["params"].get("refine", "none") != "none":
-                factor = self.manifest["params"]["refine_factor"]
+                factor = k_factor or self.manifest["params"]["refine_factor"]
                 params = faiss.IndexRefineSearchParameters(k_factor=factor, base_index_params=base)
                 params._keep_alive = base  # the C++ struct only points at `base`
                 return params
@@ -381,9 +387,13 @@ class SearchIndex:
 
     def search_vectors(
         self, queries: np.ndarray, k: int = 10, mask: np.ndarray | None = None,
-        nprobe: int | None = None, ef_search: int | None = None,
+        nprobe: int | None = None, ef_search: int | None = None, rerank: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(similarities, ids), each (Q, k'); k' = min(k, allowed vectors); ids never -1."""
+        """(similarities, ids), each (Q, k'); k' = min(k, allowed vectors); ids never -1.
+
+        ``rerank`` (ivfpq with a refine stage): candidates re-ranked per query, i.e. k_factor =
+        rerank / k; other kinds have no re-ranking stage and ignore it."""
+        k_factor = max(1, -(-rerank // k)) if rerank else None
         q = files.l2_normalise(np.atleast_2d(np.asarray(queries, dtype=np.float32)))
         if q.shape[1] != self.dim:
             raise ValueError(f"query vectors have dimension {q.shape[1]}, the index {self.dim}")
@@ -408,7 +418,7 @@ class SearchIndex:
                 storage = faiss.downcast_index(self.index.storage)
                 D, I = storage.search(q, want, params=faiss.SearchParameters(sel=sel))
                 break
-            D, I = self.index.search(q, want, params=self._params(sel, nprobe, ef))
+            D, I = self.index.search(q, want, params=self._params(sel, nprobe, ef, k_factor))
             if (I >= 0).all():
                 break
             if self.kind in IVF_KINDS and nprobe < nlist:
@@ -436,7 +446,7 @@ class SearchIndex:
         self, vector: np.ndarray | None = None, *, cell: str | None = None, unique_id: str | None = None,
         latlon: tuple[float, float] | None = None, k: int = 10, filters: SearchFilter | None = None,
         cell_mode: Literal["central", "mean"] = "central", exclude_query: bool = False,
-        nprobe: int | None = None, ef_search: int | None = None,
+        nprobe: int | None = None, ef_search: int | None = None, rerank: int | None = None,
     ) -> pd.DataFrame:
         """k most similar fragments to exactly one of: a raw vector, a cell, a unique_id, a lat/lon.
 
@@ -461,8 +471,85 @@ class SearchIndex:
         if exclude_query and own is not None:
             mask = np.ones(len(self), bool) if mask is None else mask.copy()
             mask[own] = False
-        D, I = self.search_vectors(vector, k, mask, nprobe, ef_search)
+        D, I = self.search_vectors(vector, k, mask, nprobe, ef_search, rerank=rerank)
         return self.results(D, I)
+
+
+class IncrementalSearchIndex(SearchIndex):
+    """The query API of `SearchIndex` over an incremental index (`vectors.incremental`).
+
+    Ids here are positions 0..N-1 over the live rows (row segments in id order), aligned with
+    the concatenated per-row metadata; faiss' own ids (with holes left by replaced rows) stay
+    inside the `incremental.Searcher`. Exact vectors come from the index's memory-mapped copies,
+    so queries by cell or unique_id never re-read the row files.
+    """
+
+    def __init__(self, directory: Path, searcher, meta: _Meta, manifest: dict) -> None:
+        self.searcher = searcher
+        super().__init__(directory, searcher.index, meta, manifest)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> IncrementalSearchIndex:
+        from majortom_assets.vectors import incremental
+
+        d = Path(directory)
+        index = incremental.IncrementalIndex(d)
+        searcher = index.open_searcher()
+        parts = []
+        for seg in searcher.segments:
+            path = seg.directory / "meta.parquet"
+            if not path.is_file():
+                raise FileNotFoundError(f"{d}: row {seg.name} has no metadata ({path}); it was built without "
+                                        "row metadata and can only be searched by vector (Searcher)")
+            parts.append(pq.read_table(path))
+        if not parts:
+            raise ValueError(f"{d}: the incremental index holds no rows")
+        table = pa.concat_tables(parts, promote_options="default")
+        meta = _Meta(
+            table=table,
+            cells=table.column("grid_cell").to_numpy(zero_copy_only=False),
+            rows=table.column("grid_row_u").to_numpy(),
+            lat=table.column("centre_lat").to_numpy(),
+            lon=table.column("centre_lon").to_numpy(),
+            time=files.timestamps_ns(table.column("timestamp")),
+        )
+        manifest = {**index.manifest, "params": {"nlist": searcher.nlist}}
+        return cls(d, searcher, meta, manifest)
+
+    def __len__(self) -> int:
+        return len(self.searcher)
+
+    def vectors_at(self, ids: np.ndarray) -> np.ndarray:
+        return self.searcher.vectors(np.asarray(ids, dtype=np.int64))
+
+    def search_vectors(
+        self, queries: np.ndarray, k: int = 10, mask: np.ndarray | None = None,
+        nprobe: int | None = None, ef_search: int | None = None, rerank: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """IVF-PQ candidates re-ranked exactly (``rerank`` of them, default from the index);
+        like the other kinds, widens nprobe until min(k, allowed) results are found."""
+        q = files.l2_normalise(np.atleast_2d(np.asarray(queries, dtype=np.float32)))
+        if q.shape[1] != self.dim:
+            raise ValueError(f"query vectors have dimension {q.shape[1]}, the index {self.dim}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if rerank is not None and rerank < 0:
+            raise ValueError(f"rerank must be >= 0, got {rerank}")
+        n_ok = len(self) if mask is None else int(mask.sum())
+        want = min(k, n_ok)
+        if want == 0:
+            return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
+        allowed = mask if mask is not None and n_ok < len(self) else None
+        nprobe = nprobe or self.searcher.config.nprobe
+        while True:
+            D, I = self.searcher.search(q, want, nprobe=nprobe, rerank=rerank, allowed=allowed)
+            if (I[:, :want] >= 0).all() or nprobe >= self.searcher.nlist:
+                break
+            nprobe = min(self.searcher.nlist, nprobe * 4)
+        D, I = D[:, :want], I[:, :want]
+        if (I < 0).any():
+            raise RuntimeError(f"faiss returned fewer than {want} results although {n_ok} vectors qualify")
+        return D, I
 
 
 def exact_search(paths: Sequence[Path], queries: np.ndarray, k: int = 10,

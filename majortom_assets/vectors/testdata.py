@@ -138,3 +138,33 @@ def write_synthetic(
     labels = pd.DataFrame({"grid_cell": cells, "class_id": classes.astype(np.int64),
                            "centre_lat": lats, "centre_lon": lons})
     return SyntheticEmbeddings(Path(root), model, paths, labels, dates, changed)
+
+
+def cnn_like_vectors(
+    n: int, dim: int, rng: np.random.Generator, point_rng: np.random.Generator | None = None,
+    rank: int = 64, n_classes: int = 1000, class_scale: float = 1.0, spread: float = 0.6,
+    df: float = 4.0, noise: float = 0.35,
+) -> np.ndarray:
+    """(n, dim) float32 features shaped like pooled CNN activations: non-negative, sparse and
+    heavy-tailed, low rank plus noise.
+
+    latent = class centre (``n_classes`` in ``rank`` dims) + Student-t(``df``) spread; features =
+    ReLU(latent @ W + bias + isotropic noise) × a log-normal scale per feature (some channels
+    dominate, as in real backbones). Unlike `clustered_vectors`, neighbours are not separated by
+    wide gaps: the classes overlap, so an IVF index's recall climbs steadily with nprobe and a
+    good index can be told from a lucky one. Structure comes from ``rng`` (reset it to draw more
+    points from the same space), points from ``point_rng`` (default ``rng``).
+    """
+    w = rng.standard_normal((rank, dim)).astype(np.float32) / np.float32(np.sqrt(rank))
+    bias = (0.5 * rng.standard_normal(dim) - 0.3).astype(np.float32)
+    scale = np.exp(0.6 * rng.standard_normal(dim)).astype(np.float32)
+    centres = (class_scale * rng.standard_normal((n_classes, rank))).astype(np.float32)
+    prng = point_rng or rng
+    z = centres[prng.integers(0, n_classes, n)]
+    z += np.float32(spread) * prng.standard_t(df, (n, rank)).astype(np.float32)
+    h = z @ w
+    h += bias
+    h += np.float32(noise) * prng.standard_normal((n, dim), dtype=np.float32)
+    np.maximum(h, 0, out=h)
+    h *= scale
+    return np.ascontiguousarray(h, dtype=np.float32)
