@@ -193,6 +193,20 @@ def product_keys(model: str) -> list[str]:
     return [k.to_user_string() for k in out]
 
 
+def product_outputs(root: Path, model: str, key: str) -> list[Path]:
+    """What a product wrote (removed before its full build, so 'full' really reads every row)."""
+    from majortom_assets.layout import StorageLayout
+
+    layout = StorageLayout.at(root)
+    kind = key.rsplit("/", 1)[-1]
+    return {
+        "pca": [layout.map_dir(model)], "index": [layout.index_dir(model)],
+        "float16": [layout.export_dir(model, "float16")], "int8": [layout.export_dir(model, "int8")],
+        "change": [layout.change_dir(model)], "evaluation": [layout.report_dir(model) / "features"],
+        "sql_catalog": [layout.sql_database()],
+    }.get(kind, [])
+
+
 def run_step(key: str, env: dict, log: Path, timeout: float) -> dict:
     """`dagster asset materialize` in a child process: wall seconds, peak RSS (MB), success."""
     dagster = Path(sys.executable).parent / "dagster"
@@ -218,6 +232,12 @@ def run_step(key: str, env: dict, log: Path, timeout: float) -> dict:
             "ok": code == 0, "timed_out": wall >= timeout}
 
 
+def pq_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.read_metadata(path).num_rows
+
+
 def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -237,6 +257,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--dates", type=int, default=5, help="dates per cell with --expand-from")
     ap.add_argument("--interleave", action="store_true", help="add the held row right after each product's "
                     "full build (and take it out again), so every finished product has both numbers")
+    ap.add_argument("--reuse", action="store_true", help="keep the row files of an earlier run at --root")
     ap.add_argument("--only", action="append", default=[], help="product key to run (repeatable; default all)")
     args = ap.parse_args(argv)
     model = args.model or MODEL_FOR_DIM.get(args.dim)
@@ -277,6 +298,11 @@ def main(argv=None) -> dict:
         gen = expand(args.expand_from.resolve(), root, model, [str(row_name(r)) for r in rest], args.dates, args.workers)
         labels = pd.read_parquet(args.expand_from.resolve() / "collections" / "Core-S2L2A" / "labels.parquet")
         labels = list(labels.itertuples(index=False, name=None))
+    elif args.reuse and (root / "held").is_dir() and len(list((root / "embeddings" / model).glob("row=*"))) == len(rest):
+        labels = list(pd.read_parquet(root / "collections" / "Core-S2L2A" / "labels.parquet").itertuples(
+            index=False, name=None))
+        gen = {"rows": len(rest), "vectors": sum(pq_rows(p) for p in (root / "embeddings" / model).glob(
+            "row=*/embeddings.parquet")), "seconds": None, "reused": True}
     else:
         gen = generate(root, model, rest, args.dim, args.workers)
         labels = gen.pop("labels")
@@ -290,7 +316,9 @@ def main(argv=None) -> dict:
     (out / "dagster_home").mkdir(exist_ok=True)
     steps = [k for k in (args.only or product_keys(model)) if k not in args.skip]
     log = out / "dagster.log"
-    if args.expand_from:
+    if gen.get("reused"):
+        held_labels = []
+    elif args.expand_from:
         from majortom_assets.grid import row_name
 
         name = str(row_name(held))
@@ -320,6 +348,8 @@ def main(argv=None) -> dict:
         print(json.dumps(step), flush=True)
 
     for key in steps:
+        for path in product_outputs(root, model, key):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         summary["full"].append(run_step(key, env, log, args.step_timeout))
         save()
         print(json.dumps(summary["full"][-1]), flush=True)

@@ -190,7 +190,7 @@ def summary(home: Path, dagster_home: Path, seconds: float) -> str:
         ("indexes", "indexes/*"),
         ("exports", "exports/*/*"),
         ("reports", "reports/*/*.md"),
-        ("change scores", "reports/*/change.parquet"),
+        ("change scores", "reports/*/change/cells/row=*/cells.parquet"),
         ("SQL catalog", "sql/*.duckdb"),
     ):
         found = sorted(home.glob(pattern))

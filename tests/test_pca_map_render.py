@@ -223,3 +223,13 @@ def test_archive_scale_map_is_a_cog_with_each_cell_colour_at_its_pixel(tmp_path)
         assert not painted[:100].any() and not painted[-100:].any()  # nothing invented at the poles
         small = ds.read(4, out_shape=(1, 360, 720))  # an overview level answers a zoomed-out read
         assert small.any()
+
+
+def test_data_window_of_cells_all_round_the_globe_is_the_world_width():
+    """Cells at every longitude (the archive): the window spans exactly 360°, never 360° + rounding."""
+    lon = np.linspace(-179.95, 179.95, 5001) + 0.0123  # widest gap under 0.1°: clamped to the world
+    lat = np.linspace(-56.0, 80.0, 5001)
+    window = pm.data_window(lon, lat)
+    assert (window.west, window.east) == (-180.0, 180.0) and window.south >= -90 and window.north <= 90
+    preview = pm.render_preview(lon, lat, np.full((len(lon), 3), 90, np.uint8))
+    assert preview.inset is None and preview.image.shape == (480, 960, 3)

@@ -281,3 +281,20 @@ def test_evaluation_features_are_a_fixed_sample_cached_per_row(data, tmp_path, m
     # another sample (or labels) is another identity: every row is read again
     _, _, again = evaluate.update_features(data.paths, sample[:20], cache, identity="s20")
     assert again["rows read"] == 4
+
+
+def test_int8_row_slightly_outside_the_range_is_clipped_not_refitted(data, tmp_path):
+    rows = _by_row(data.paths)
+    order = sorted(rows, key=rowcache._row_order)
+    out = tmp_path / "int8"
+    quantize.update_export([rows[r] for r in order[:-1]], out, "int8")
+    lo, hi = (np.asarray(v) for v in rowcache.load_state(out / "state.json")["int8_range"])
+    x = geoparquet.embedding_matrix(pq.read_table(rows[order[-1]]))
+    shift = float((hi - x.max(axis=0)).min() + 0.1 * (hi - lo).min())  # some values just beyond the range
+    _replace_row(rows[order[-1]], shift)
+    manifest = quantize.update_export(data.paths, out, "int8")
+    assert not manifest["update"]["scale refit"] and manifest["update"]["rows encoded"] == 1
+    clipped = {e["row"]: e["clipped"] for e in manifest["rows"]}
+    assert clipped[order[-1]] > 0 and all(v == 0 for r, v in clipped.items() if r != order[-1])
+    check = quantize.verify_export(out)  # the bound of a clipped value grows by its distance outside
+    assert check.ok and check.max_error_over_bound <= 1.0, check.problems

@@ -316,6 +316,8 @@ def data_window(lon: np.ndarray, lat: np.ndarray, spacing_km: float = 10.0, pad:
         half_h = half_w * coslat / aspect[1]
     half_w, half_h = min(half_w, 180.0), min(half_h, 90.0)
     cy = min(max(cy, -90.0 + half_h), 90.0 - half_h)
+    if half_w >= 180.0:  # cells all round the globe: the whole width (rounding must not exceed 360°)
+        return Window(-180.0, float(cy - half_h), 180.0, float(cy + half_h))
     west = cx - half_w
     if west < -180.0:  # keep west in [-180, 180) so east > 180 marks an antimeridian crossing
         west += 360.0

@@ -109,14 +109,23 @@ def decode(codes: np.ndarray, precision: str, scale=None, offset=None) -> np.nda
     return np.asarray(codes, dtype=np.float32)
 
 
-def error_bound(precision: str, x: np.ndarray, scale=None) -> np.ndarray:
-    """Largest allowed |x - decode(encode(x))| per element (the documented guarantee)."""
+def error_bound(precision: str, x: np.ndarray, scale=None, offset=None) -> np.ndarray:
+    """Largest allowed |x - decode(encode(x))| per element (the documented guarantee).
+
+    With `offset` (int8), a value outside the coded range [offset - 127·scale, offset + 127·scale]
+    is clipped, and its bound grows by its distance outside the range (rows added after the range
+    was fitted may hold a few such values; the manifest counts them per row).
+    """
     if precision == "float32":
         return np.zeros_like(x)
     if precision == "float16":
         return np.maximum(np.abs(x) * 2.0 ** -11, 2.0 ** -25)
     ulp = np.spacing(np.abs(x).astype(np.float32) + np.abs(scale) * 128)  # float32 dequant rounding
-    return np.broadcast_to(scale / 2.0, x.shape) * (1 + 1e-6) + 2 * ulp
+    bound = np.broadcast_to(scale / 2.0, x.shape) * (1 + 1e-6) + 2 * ulp
+    if offset is not None:
+        lo, hi = offset - 127.0 * scale, offset + 127.0 * scale
+        bound = bound + np.maximum(np.maximum(lo - x, x - hi), 0.0)
+    return bound
 
 
 def export(
@@ -265,7 +274,7 @@ def verify_export(directory: str | os.PathLike, check_sha256: bool = True,
                     out.problems.append(f"{path}: float32 rows {start}..{stop - 1} are not bit-identical")
             else:
                 err = np.abs(flat[start:stop].astype(np.float64) - x)
-                bound = error_bound(flat.precision, x, flat.scale)
+                bound = error_bound(flat.precision, x, flat.scale, flat.offset)
                 out.max_abs_error = max(out.max_abs_error, float(err.max(initial=0.0)))
                 ratio = float((err / bound).max(initial=0.0))
                 out.max_error_over_bound = max(out.max_error_over_bound, ratio)
@@ -284,6 +293,8 @@ ROWS_FORMAT = "majortom-flat-embeddings-rows/1"
 #: int8 ranges are widened by this fraction of their span on each side when fitted, so rows added
 #: later mostly fall inside them and are encoded without touching any other row.
 RANGE_MARGIN = 0.05
+#: A new row may exceed the fitted int8 range by this fraction of its span before it forces a refit.
+CLIP_TOLERANCE = 0.25
 
 
 def _row_dir(out: Path, row: str) -> Path:
@@ -305,24 +316,27 @@ def _encode_row(path: Path, out: Path, row: str, tag: str, precision: str, scale
     d = _row_dir(out, row)
     d.mkdir(parents=True, exist_ok=True)
     bin_path, meta_path = d / f"embeddings-{tag}.{precision}.bin", d / f"metadata-{tag}.parquet"
-    parts, rows = [], 0
+    parts, rows, clipped = [], 0, 0
     with geoparquet.atomic_output(bin_path) as tmp, open(tmp, "wb") as fh:
         for offset_rows, x, meta in files.iter_embeddings(path, batch_rows, META_COLUMNS):
             fh.write(encode(x, precision, scale, offset, where=str(path)).tobytes())
+            if precision == "int8":
+                clipped += int((np.abs(x.astype(np.float64) - offset) > 127.5 * scale).sum())
             parts.append(meta.append_column("source_row", pa.array(
                 np.arange(offset_rows, offset_rows + len(x), dtype=np.int64))))
             rows += len(x)
     table = pa.concat_tables(parts) if parts else pa.table({})
     with geoparquet.atomic_output(meta_path) as tmp:
         pq.write_table(geo_metadata_table(table), tmp, compression="zstd")
-    return {"row": row, "count": rows, "file": str(bin_path.relative_to(out)),
+    return {"row": row, "count": rows, "clipped": clipped, "file": str(bin_path.relative_to(out)),
             "metadata": str(meta_path.relative_to(out)), "path": str(path.resolve()),
             "sha256": files.sha256_file(path)}
 
 
 def update_export(
     paths, out_dir: str | os.PathLike, precision: Precision = "float16", model: str | None = None, *,
-    refresh: bool = False, range_margin: float = RANGE_MARGIN, batch_rows: int = files.DEFAULT_BATCH_ROWS,
+    refresh: bool = False, range_margin: float = RANGE_MARGIN, clip_tolerance: float = CLIP_TOLERANCE,
+    batch_rows: int = files.DEFAULT_BATCH_ROWS,
 ) -> dict:
     """Bring a per-row export up to date with the row files `paths`: O(changed rows).
 
@@ -331,8 +345,10 @@ def update_export(
     ``embeddings-<tag>.<precision>.bin`` (C-order (count, dim), no header) and
     ``metadata-<tag>.parquet`` (GeoParquet, same row order). Rows whose embedding file kept its
     stamp (`rowcache`) are not opened. int8 scale/offset are fitted once from the per-row ranges
-    (widened by `range_margin`); a new row inside them is encoded alone, one outside them refits
-    the scale from the recorded ranges and re-encodes every row (reported as such).
+    (widened by `range_margin`); a new row inside them, or beyond them by less than `clip_tolerance`
+    of the span (its few outliers clipped, counted per row in the manifest, the error bound of a
+    clipped value growing by its distance outside), is encoded alone; a row further out refits the
+    scale from the recorded ranges and re-encodes every row (reported as such).
     Returns the manifest plus what the update did. `FlatEmbeddings.open` reads it as one matrix.
     """
     from majortom_assets.vectors import rowcache
@@ -373,7 +389,11 @@ def update_export(
         fitted = state.get("int8_range")
         if fitted is not None:
             flo, fhi = np.asarray(fitted[0], np.float32), np.asarray(fitted[1], np.float32)
-        refit = fitted is None or bool((lo < flo).any() or (hi > fhi).any())
+        # a row beyond the fitted range by less than `clip_tolerance` of its span is clipped (the
+        # manifest counts its clipped values); beyond that the range is refitted and all re-encoded
+        if fitted is not None:
+            slack = (fhi.astype(np.float64) - flo) * clip_tolerance
+        refit = fitted is None or bool((lo < flo - slack).any() or (hi > fhi + slack).any())
         if refit:
             span = (hi.astype(np.float64) - lo) * range_margin
             flo, fhi = (lo - span).astype(np.float32), (hi + span).astype(np.float32)
@@ -416,7 +436,7 @@ def update_export(
     })
     _remove_unlisted(out, ordered)
     return {**manifest, "update": {**diff.summary(), "rows read": len(diff.to_read), "rows encoded": len(written),
-                                   "scale refit": refit}}
+                                   "scale refit": refit, "clipped values": sum(e.get("clipped", 0) for e in ordered)}}
 
 
 def hashlib_tag(stamp: str, precision: str, scale) -> str:
