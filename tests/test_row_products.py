@@ -298,3 +298,24 @@ def test_int8_row_slightly_outside_the_range_is_clipped_not_refitted(data, tmp_p
     assert clipped[order[-1]] > 0 and all(v == 0 for r, v in clipped.items() if r != order[-1])
     check = quantize.verify_export(out)  # the bound of a clipped value grows by its distance outside
     assert check.ok and check.max_error_over_bound <= 1.0, check.problems
+
+
+def test_pca_map_takes_rows_without_samples(data, tmp_path):
+    """Every grid row is a partition, so a row file may hold no rows (no samples, or every sample
+    failed on a first run): the map skips it, on a first build and when it arrives later."""
+    rows = _by_row(data.paths)
+    source = rows[max(rows, key=rowcache._row_order)]
+    empty = tmp_path / "home2" / "row=80U" / "embeddings.parquet"
+    empty.parent.mkdir(parents=True)
+    table = pq.read_table(source)
+    pq.write_table(table.slice(0, 0).replace_schema_metadata(table.schema.metadata), empty)
+    out = tmp_path / "map"
+    full = pca_update.update_pca_map([*data.paths, empty], out)
+    reference = pca_update.update_pca_map(data.paths, tmp_path / "reference")
+    assert full["cells"] == reference["cells"] and full["rows"] == len(data.paths) + 1
+    added = pca_update.update_pca_map([*data.paths, empty], out)
+    assert added["rows read"] == 0
+    later = pca_update.update_pca_map(data.paths, tmp_path / "later")
+    assert later["rows read"] == len(data.paths)
+    grown = pca_update.update_pca_map([*data.paths, empty], tmp_path / "later")
+    assert grown["rows read"] == 1 and grown["cells"] == later["cells"] and not grown["basis refit"]

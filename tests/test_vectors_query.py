@@ -21,6 +21,7 @@ from majortom_assets.core import CoreCollection
 from majortom_assets.engine import EngineConfig, embed_to_file
 from majortom_assets.fragment import fragment_layout
 from majortom_assets.models import get_spec, load_embedder
+from majortom_assets.models.siglip import SIGLIP_TINY_CONFIG
 from majortom_assets.vectors import files, query
 from majortom_assets.vectors.search import SearchIndex, build_index
 
@@ -61,7 +62,7 @@ def test_text_vectors_are_siglip_text_features_from_the_same_checkpoint(ckpt):
     unit = feats / np.linalg.norm(feats, axis=1, keepdims=True)
     mean = unit.mean(0) / np.linalg.norm(unit.mean(0))
     np.testing.assert_allclose(got.vectors[0], mean, atol=1e-5)
-    assert got.vectors.shape == (1, 64) and "2 prompts averaged" in got.notes
+    assert got.vectors.shape == (1, SIGLIP_TINY_CONFIG["hidden_size"]) and "2 prompts averaged" in got.notes
     # the image tower of that checkpoint is what the image embedder loads: same sha256
     assert got.match_sha256 == load_embedder("siglip-rgb", ckpt).weights.sha256
     assert not got.random_weights

@@ -83,26 +83,26 @@ def run_search(args) -> int:
     if not index_dir.exists():
         raise FileNotFoundError(f"no index at {index_dir}; build it with "
                                 f"`majortom index --root {args.root} --model {args.model}`")
-    index = SearchIndex.load(index_dir)
-    flt = SearchFilter(bbox=tuple(args.bbox) if args.bbox else None, start=args.start, end=args.end,
-                       rows=rows_list(args.rows))
-    vector = qv = None
-    if args.vector_file is not None:
-        vector = _load_vector(args.vector_file)
-    from majortom_assets.cli import query as query_cli
+    with SearchIndex.load(index_dir) as index:   # freed in order, not by exit-time GC
+        flt = SearchFilter(bbox=tuple(args.bbox) if args.bbox else None, start=args.start, end=args.end,
+                           rows=rows_list(args.rows))
+        vector = qv = None
+        if args.vector_file is not None:
+            vector = _load_vector(args.vector_file)
+        from majortom_assets.cli import query as query_cli
 
-    if query_cli.wants_query_model(args):
-        vector, qv = query_cli.query_vectors(args, index)
-    result = index.query(vector, cell=args.cell, unique_id=args.unique_id,
-                         latlon=tuple(args.latlon) if args.latlon else None, k=args.k, filters=flt,
-                         cell_mode=args.cell_mode, exclude_query=args.exclude_query, nprobe=args.nprobe,
-                         rerank=args.rerank)
-    cols = ["rank", "similarity", "distance", "grid_cell", "timestamp", "centre_lat", "centre_lon",
-            "unique_id"] + (["geometry", "pixel_bbox", "product_id"] if args.format == "json" else [])
-    if qv is not None and len(qv.labels) > 1:     # one query per image fragment
-        result["query_fragment"] = [qv.labels[q] for q in result["query"]]
-        cols = ["query_fragment", *cols]
-    print_frame(result[cols], args.format)
+        if query_cli.wants_query_model(args):
+            vector, qv = query_cli.query_vectors(args, index)
+        result = index.query(vector, cell=args.cell, unique_id=args.unique_id,
+                             latlon=tuple(args.latlon) if args.latlon else None, k=args.k, filters=flt,
+                             cell_mode=args.cell_mode, exclude_query=args.exclude_query, nprobe=args.nprobe,
+                             rerank=args.rerank)
+        cols = ["rank", "similarity", "distance", "grid_cell", "timestamp", "centre_lat", "centre_lon",
+                "unique_id"] + (["geometry", "pixel_bbox", "product_id"] if args.format == "json" else [])
+        if qv is not None and len(qv.labels) > 1:     # one query per image fragment
+            result["query_fragment"] = [qv.labels[q] for q in result["query"]]
+            cols = ["query_fragment", *cols]
+        print_frame(result[cols], args.format)
     return 0
 
 

@@ -70,9 +70,10 @@ SIGLIP_SO400M_TEXT_CONFIG = {
     "layer_norm_eps": 1e-6,
 }
 
-# Same width as SIGLIP_TINY_CONFIG, so tiny text and image embeddings share one 64-d space.
+# Width taken from SIGLIP_TINY_CONFIG, so tiny text and image embeddings share one space.
 SIGLIP_TINY_TEXT_CONFIG = {
-    **SIGLIP_SO400M_TEXT_CONFIG, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    **SIGLIP_SO400M_TEXT_CONFIG, "hidden_size": SIGLIP_TINY_CONFIG["hidden_size"],
+    "intermediate_size": SIGLIP_TINY_CONFIG["intermediate_size"], "num_hidden_layers": 2,
     "num_attention_heads": 2, "max_position_embeddings": 16,
 }
 

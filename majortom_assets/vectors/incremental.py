@@ -571,6 +571,20 @@ class Searcher:
         # the gather itself at ~50 candidates per query
         self._vectors = [np.asarray(np.load(s.directory / "vectors.npy", mmap_mode="r")) for s in self.segments]
 
+    def close(self) -> None:
+        """Free the faiss objects in dependency order: the index first, then the inverted lists it
+        points at. Left to Python's shutdown garbage collection they go in any order, and a list
+        freed before the index that reads it crashed the process at exit. Idempotent."""
+        if self.index is None:
+            return
+        ivf = faiss.extract_index_ivf(self.index)
+        empty = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+        ivf.replace_invlists(empty, True)   # the index owns an empty list set, not ours
+        empty.this.disown()
+        self.index = None
+        while self._keep:
+            self._keep.pop()                # HStack and its pointer vector before the lists
+
     def __len__(self) -> int:
         return int(self.offsets[-1])
 

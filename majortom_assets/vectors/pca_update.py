@@ -118,8 +118,9 @@ class Basis:
 CENTRAL_COLUMNS = ["unique_id", "grid_cell", "centre_lat", "centre_lon"]
 
 
-def central_fragments(path: Path, batch_rows: int = files.DEFAULT_BATCH_ROWS) -> pa.Table:
-    """The central fragment of every sample in one row file, with its embedding (float32)."""
+def central_fragments(path: Path, batch_rows: int = files.DEFAULT_BATCH_ROWS) -> pa.Table | None:
+    """The central fragment of every sample in one row file, with its embedding (float32); None
+    for a row file without samples (a grid row that holds none, or whose every sample failed)."""
     mask = files.file_central_mask(path)
     parts = []
     for offset, x, meta in files.iter_embeddings(path, batch_rows, CENTRAL_COLUMNS):
@@ -128,9 +129,7 @@ def central_fragments(path: Path, batch_rows: int = files.DEFAULT_BATCH_ROWS) ->
             x = np.ascontiguousarray(x[m], np.float32)
             parts.append(meta.filter(pa.array(m)).replace_schema_metadata(None).append_column(
                 "embedding", pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])))
-    if not parts:
-        raise ValueError(f"{path}: no central fragments (empty row file?)")
-    return pa.concat_tables(parts)
+    return pa.concat_tables(parts) if parts else None
 
 
 def central_matrix(table: pa.Table) -> np.ndarray:
@@ -252,20 +251,28 @@ def update_pca_map(
     def central_file(row: str) -> Path:
         return central_dir / f"row={validate_row_key(row)}.parquet"
 
-    def load_central(row: str) -> pa.Table:
-        return pq.read_table(central_file(row))
+    def load_central(row: str) -> pa.Table | None:
+        """The cached central fragments of a row; None for a row without samples (nothing cached)."""
+        path = central_file(row)
+        return pq.read_table(path) if path.is_file() else None
 
     rows_meta: dict = dict(state.get("row_info", {}))
     total = PCAMoments.load(total_path) if state else None
     for row in diff.to_drop:
-        total = total.subtract(PCAMoments.of(central_matrix(load_central(row))))
+        old = load_central(row)
+        if old is not None:
+            total = total.subtract(PCAMoments.of(central_matrix(old)))
         rows_meta.pop(row, None)
         if row in diff.removed:
-            central_file(row).unlink()
+            central_file(row).unlink(missing_ok=True)
     dim = state.get("dim")
     for row in diff.to_read:
         path = current[row][0]
         central = central_fragments(path)
+        if central is None:   # an empty row file: nothing to fit or paint, and no stale cache
+            central_file(row).unlink(missing_ok=True)
+            rows_meta[row] = {"random_weights": bool(geoparquet.read_info(path).random_weights), "fitted": 0}
+            continue
         x = central_matrix(central)
         if dim is not None and x.shape[1] != dim:
             raise ValueError(f"{path}: embeddings of dimension {x.shape[1]}, the map's other rows have {dim}")
@@ -302,7 +309,10 @@ def update_pca_map(
         scores = []
         with pq.ParquetWriter(tmp_cells, pa.schema([CELLS_SCHEMA.field(c) for c in CELL_COLUMNS])) as writer:
             for row in sorted(current, key=lambda r: _row_key((r, None))):
-                table = row_cells(load_central(row), provisional, row)
+                central = load_central(row)
+                if central is None:
+                    continue
+                table = row_cells(central, provisional, row)
                 if table.num_rows:
                     writer.write_table(table, row_group_size=table.num_rows)
                     scores.append(np.stack([table.column(c).to_numpy() for c in ("pc1", "pc2", "pc3")], axis=1))
@@ -314,7 +324,8 @@ def update_pca_map(
         finally:
             tmp_cells.unlink(missing_ok=True)
     else:
-        fresh = [(row, row_cells(load_central(row), basis, row)) for row in diff.to_read]
+        fresh = [(row, row_cells(central, basis, row)) for row in diff.to_read
+                 if (central := load_central(row)) is not None]
         projected = len(fresh)
         # the old file is read to the end inside the writer's block, before the temp replaces it
         old = _row_groups(cells_path, keep=set(diff.unchanged))

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
 import faiss
 import numpy as np
@@ -271,6 +271,16 @@ class SearchIndex:
         self.directory, self.index, self._meta, self.manifest = directory, index, meta, manifest
         self.kind = manifest["kind"]
         self.dim = int(manifest["dim"])
+
+    def close(self) -> None:
+        """Release the faiss index now (a loaded index is usable until then)."""
+        self.index = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> SearchIndex:
@@ -515,6 +525,11 @@ class IncrementalSearchIndex(SearchIndex):
         )
         manifest = {**index.manifest, "params": {"nlist": searcher.nlist}}
         return cls(d, searcher, meta, manifest)
+
+    def close(self) -> None:
+        """Free the index before the inverted lists it reads (`incremental.Searcher.close`)."""
+        self.index = None
+        self.searcher.close()
 
     def __len__(self) -> int:
         return len(self.searcher)

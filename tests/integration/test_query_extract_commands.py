@@ -22,6 +22,7 @@ import pytest
 from http_fixtures import serve_directory
 from PIL import Image
 
+from majortom_assets.models.siglip import SIGLIP_TINY_CONFIG
 from majortom_assets.vectors import extract, testdata, windows
 from majortom_assets.vectors.iocount import ByteCounter
 
@@ -204,4 +205,4 @@ def test_search_by_text_and_by_image(siglip_store, tmp_path):
         dst.write(s1)
     wrong = _majortom("search", "--root", root, "--index", root / "indexes" / "siglip-rgb", "--model", "ssl4eo-s1",
                       "--image", tmp_path / "s1.tif", "--weights", "random", "--tiny", "-k", "1", timeout=400)
-    assert wrong.returncode == 2 and "256-d vectors but the index holds 64-d" in wrong.stderr
+    assert wrong.returncode == 2 and f"256-d vectors but the index holds {SIGLIP_TINY_CONFIG['hidden_size']}-d" in wrong.stderr
