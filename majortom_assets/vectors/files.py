@@ -384,3 +384,18 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     geoparquet.fsync_path(final.parent, directory=True)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def sample_unit_vectors(paths, n: int, size: int, seed: int, batch_rows: int = DEFAULT_BATCH_ROWS) -> np.ndarray:
+    """A uniform sample (without replacement) of `size` of the `n` rows of `paths`, L2-normalised,
+    read batch by batch so memory is the sample, not the files (index training sets)."""
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(n, size=min(size, n), replace=False))
+    out, start = [], 0
+    for path in paths:
+        for _, x, _ in iter_embeddings(path, batch_rows):
+            lo, hi = np.searchsorted(chosen, [start, start + len(x)])
+            if hi > lo:
+                out.append(l2_normalise(x[chosen[lo:hi] - start]))
+            start += len(x)
+    return np.concatenate(out)

@@ -236,6 +236,19 @@ class RowSegment:
         return self.start + self.count
 
 
+def segment_entries(segment: RowSegment) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+    """(inverted list, count, ids, codes) of one row segment, grouped by list: what faiss'
+    add_entries / update_entries take. The arrays are views into contiguous copies this generator
+    keeps alive while the caller hands their pointers to faiss."""
+    lists = np.load(segment.directory / "lists.npy")
+    order = np.argsort(lists, kind="stable")
+    codes = np.ascontiguousarray(np.load(segment.directory / "codes.npy", mmap_mode="r")[order])
+    ids = np.ascontiguousarray(order.astype(np.int64) + segment.start)
+    uniq, first, counts = np.unique(lists[order], return_index=True, return_counts=True)
+    for lst, a, c in zip(uniq.tolist(), first.tolist(), counts.tolist()):
+        yield lst, c, ids[a:], codes[a:]
+
+
 class IncrementalIndex:
     """The on-disk index: manifest, trained codebooks, row segments and packed lists.
 
@@ -399,13 +412,8 @@ class IncrementalIndex:
                     il.resize(int(lst), int(sizes[lst]))
                 fill = np.zeros(nlist, np.int64)
                 for s in segs:
-                    lists = np.load(s.directory / "lists.npy")
-                    order = np.argsort(lists, kind="stable")
-                    codes = np.ascontiguousarray(np.load(s.directory / "codes.npy", mmap_mode="r")[order])
-                    ids = np.ascontiguousarray(order.astype(np.int64) + s.start)
-                    uniq, first, counts = np.unique(lists[order], return_index=True, return_counts=True)
-                    for lst, a, c in zip(uniq.tolist(), first.tolist(), counts.tolist()):
-                        il.update_entries(lst, int(fill[lst]), c, _ptr(ids[a:]), _ptr(codes[a:]))
+                    for lst, c, ids, codes in segment_entries(s):
+                        il.update_entries(lst, int(fill[lst]), c, _ptr(ids), _ptr(codes))
                         fill[lst] += c
                 packed = faiss.read_index(str(self.directory / TRAINED_FILE))
                 pivf = faiss.extract_index_ivf(packed)
@@ -537,13 +545,8 @@ class Searcher:
         if delta or not lists:
             arr = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
             for s in delta:
-                lst = np.load(s.directory / "lists.npy")
-                order = np.argsort(lst, kind="stable")
-                codes = np.ascontiguousarray(np.load(s.directory / "codes.npy", mmap_mode="r")[order])
-                ids = np.ascontiguousarray(order.astype(np.int64) + s.start)
-                uniq, first, counts = np.unique(lst[order], return_index=True, return_counts=True)
-                for li, a, c in zip(uniq.tolist(), first.tolist(), counts.tolist()):
-                    arr.add_entries(li, c, _ptr(ids[a:]), _ptr(codes[a:]))
+                for li, c, ids, codes in segment_entries(s):
+                    arr.add_entries(li, c, _ptr(ids), _ptr(codes))
             lists.append(arr)
         self._keep.extend(lists)
         if len(lists) == 1:
@@ -677,16 +680,7 @@ def row_name(path: Path) -> str:
 
 
 def _sample(paths: list[Path], n: int, size: int, seed: int, batch_rows: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    chosen = np.sort(rng.choice(n, size=min(size, n), replace=False))
-    out, start = [], 0
-    for path in paths:
-        for _, x, _ in files.iter_embeddings(path, batch_rows):
-            lo, hi = np.searchsorted(chosen, [start, start + len(x)])
-            if hi > lo:
-                out.append(files.l2_normalise(x[chosen[lo:hi] - start]))
-            start += len(x)
-    return np.concatenate(out)
+    return files.sample_unit_vectors(paths, n, size, seed, batch_rows)
 
 
 def update(

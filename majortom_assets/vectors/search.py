@@ -166,16 +166,7 @@ def _make_index(kind: str, dim: int, n: int, config: IndexConfig) -> tuple[faiss
 
 def _training_sample(paths: list[Path], n: int, size: int, config: IndexConfig) -> np.ndarray:
     """Uniform sample of `size` rows (without replacement), read batch by batch."""
-    rng = np.random.default_rng(config.seed)
-    chosen = np.sort(rng.choice(n, size=min(size, n), replace=False))
-    out, start = [], 0
-    for path in paths:
-        for _, x, _ in files.iter_embeddings(path, config.batch_rows):
-            lo, hi = np.searchsorted(chosen, [start, start + len(x)])
-            if hi > lo:
-                out.append(files.l2_normalise(x[chosen[lo:hi] - start]))
-            start += len(x)
-    return np.concatenate(out)
+    return files.sample_unit_vectors(paths, n, size, config.seed, config.batch_rows)
 
 
 def build_index(
@@ -237,6 +228,18 @@ class _Meta:
     lat: np.ndarray
     lon: np.ndarray
     time: np.ndarray
+
+    @classmethod
+    def of(cls, table: pa.Table) -> _Meta:
+        """The query-side columns of an index's metadata table, as numpy arrays once."""
+        return cls(
+            table=table,
+            cells=table.column("grid_cell").to_numpy(zero_copy_only=False),
+            rows=table.column("grid_row_u").to_numpy(),
+            lat=table.column("centre_lat").to_numpy(),
+            lon=table.column("centre_lon").to_numpy(),
+            time=files.timestamps_ns(table.column("timestamp")),
+        )
 
 
 def _read_rows(path: Path, rows: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -300,14 +303,7 @@ class SearchIndex:
         table = pq.read_table(d / METADATA_FILE)
         if table.num_rows != index.ntotal:
             raise ValueError(f"{d}: metadata has {table.num_rows} rows but the index {index.ntotal}")
-        meta = _Meta(
-            table=table,
-            cells=table.column("grid_cell").to_numpy(zero_copy_only=False),
-            rows=table.column("grid_row_u").to_numpy(),
-            lat=table.column("centre_lat").to_numpy(),
-            lon=table.column("centre_lon").to_numpy(),
-            time=files.timestamps_ns(table.column("timestamp")),
-        )
+        meta = _Meta.of(table)
         return cls(d, index, meta, manifest)
 
     def __len__(self) -> int:
@@ -515,14 +511,7 @@ class IncrementalSearchIndex(SearchIndex):
         if not parts:
             raise ValueError(f"{d}: the incremental index holds no rows")
         table = pa.concat_tables(parts, promote_options="default")
-        meta = _Meta(
-            table=table,
-            cells=table.column("grid_cell").to_numpy(zero_copy_only=False),
-            rows=table.column("grid_row_u").to_numpy(),
-            lat=table.column("centre_lat").to_numpy(),
-            lon=table.column("centre_lon").to_numpy(),
-            time=files.timestamps_ns(table.column("timestamp")),
-        )
+        meta = _Meta.of(table)
         manifest = {**index.manifest, "params": {"nlist": searcher.nlist}}
         return cls(d, searcher, meta, manifest)
 
