@@ -508,6 +508,20 @@ def _temp_name_pattern(path: Path) -> re.Pattern:
                       rf"[0-9a-f]{{32}}\.tmp{re.escape(path.suffix)}$")
 
 
+def stale_reason(match: re.Match, mtime: float, tag: str, now: float, max_age_s: float) -> str | None:
+    """Why a temp file or folder whose name matched a writer pattern (groups `tag`, `pid`) is
+    stale, or None while it may still be written: a writer of this host whose pid has exited, or
+    (another host's, or an unnamed one) untouched for longer than `max_age_s`. Shared by the file
+    sweep here and the folder sweep of `vectors.files`."""
+    pid = int(match["pid"]) if match["pid"] else 0
+    if match["tag"] == tag and pid > 0:
+        return None if _pid_alive(pid) else f"its writer, pid {pid} on this host, has exited"
+    age = now - mtime
+    if age <= max_age_s:
+        return None
+    return f"untouched for {age / 3600:.1f} h (limit {max_age_s / 3600:g} h)"
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -542,16 +556,9 @@ def sweep_stale_temps(path: str | os.PathLike, max_age_s: float = STALE_TEMP_AGE
             info = entry.stat(follow_symlinks=False)
             if not stat.S_ISREG(info.st_mode):
                 continue
-            pid = int(match["pid"]) if match["pid"] else 0
-            if match["tag"] == tag and pid > 0:
-                if _pid_alive(pid):
-                    continue
-                why = f"its writer, pid {pid} on this host, has exited"
-            else:
-                age = now - info.st_mtime
-                if age <= max_age_s:
-                    continue
-                why = f"untouched for {age / 3600:.1f} h (limit {max_age_s / 3600:g} h)"
+            why = stale_reason(match, info.st_mtime, tag, now, max_age_s)
+            if why is None:
+                continue
             Path(entry.path).unlink(missing_ok=True)
         except OSError as exc:
             _log.warning("could not remove temp file %s: %s", entry.path, exc)

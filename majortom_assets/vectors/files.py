@@ -290,19 +290,13 @@ def sweep_stale_temp_dirs(path: str | os.PathLike,
         match = pattern.match(entry.name)
         if match is None or not entry.is_dir(follow_symlinks=False):
             continue
-        pid = int(match["pid"]) if match["pid"] else 0
-        if match["tag"] == tag and pid > 0:
-            if geoparquet._pid_alive(pid):
-                continue
-            why = f"its writer, pid {pid} on this host, has exited"
-        else:
-            try:
-                age = now - entry.stat(follow_symlinks=False).st_mtime
-            except OSError:
-                continue
-            if age <= max_age_s:
-                continue
-            why = f"untouched for {age / 3600:.1f} h"
+        try:
+            mtime = entry.stat(follow_symlinks=False).st_mtime
+        except OSError:
+            continue
+        why = geoparquet.stale_reason(match, mtime, tag, now, max_age_s)
+        if why is None:
+            continue
         shutil.rmtree(entry.path, ignore_errors=True)
         if os.path.exists(entry.path):
             _log.warning("could not remove stale temp directory %s", entry.path)
