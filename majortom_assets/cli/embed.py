@@ -38,7 +38,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> tuple[str, ...]:
     `EngineConfig` (a flag not given is not passed), and its validation produces the error
     (`engine_config_from_args`). Returns the names of the fields that got a flag.
     """
-    from majortom_assets.engine import EngineConfig
+    from majortom_assets.compute import EngineConfig
 
     group = p.add_argument_group("inference", "how the model runs (engine.EngineConfig)")
     for name, info in EngineConfig.model_fields.items():
@@ -57,7 +57,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> tuple[str, ...]:
 
 def engine_config_from_args(args: argparse.Namespace):
     """The `EngineConfig` of the flags given; ValueError in one line naming each bad flag."""
-    from majortom_assets.engine import EngineConfig
+    from majortom_assets.compute import EngineConfig
 
     given = {name: getattr(args, name) for name in EngineConfig.model_fields if hasattr(args, name)}
     return EngineConfig.from_values(given, label=engine_flag)

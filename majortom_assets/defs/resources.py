@@ -37,8 +37,8 @@ from pydantic import (
     model_validator,
 )
 
+from majortom_assets.compute import EngineConfig
 from majortom_assets.defs import keys
-from majortom_assets.engine import EngineConfig
 from majortom_assets.layout import StorageLayout
 from majortom_assets.models.spec import MODEL_SPECS
 from majortom_assets.remote import redact_url
